@@ -1,0 +1,7 @@
+//! weft: a container overlay network for Linux hosts, the successor to Weave Net.
+//!
+//! One agent per host; the subsystems are modules with a pure core and a thin I/O
+//! shell (see DESIGN.md):
+//! - [`datapath`]: the kernel data path (eBPF TC programs + VXLAN) behind a trait.
+
+pub mod datapath;
