@@ -5,7 +5,8 @@
  * PROG_TEST_RUN returns the verdict and the packet, but not where a redirect would
  * have gone or what tunnel metadata was attached. These probes call the very same
  * handlers the real programs call, then record the forwarding decision and the skb's
- * tunnel key in PROBE_OUT. They share the pinned maps with the real programs.
+ * tunnel key in PROBE_OUT, and leave through the same exit path (so they count).
+ * They share the pinned maps with the real programs.
  */
 #define WEFT_NO_ENTRY
 #include "../endpoint.c"
@@ -45,7 +46,9 @@ struct {
 	__type(value, struct probe_tunnel_in);
 } PROBE_IN SEC(".maps");
 
-static __always_inline int record(struct __sk_buff *skb, int verdict, const struct weft_fwd *fwd)
+/* Records the decision, then takes the real exit path (counters, redirect helpers). */
+static __always_inline int record(struct __sk_buff *skb, int verdict, const struct weft_fwd *fwd,
+				  __u32 segs, __u32 len)
 {
 	__u32 zero = 0;
 	struct probe_out *out = bpf_map_lookup_elem(&PROBE_OUT, &zero);
@@ -62,15 +65,16 @@ static __always_inline int record(struct __sk_buff *skb, int verdict, const stru
 	out->tunnel_id = key.tunnel_id;
 	out->tunnel_dst = key.local_ipv4;
 	out->tunnel_ttl = key.tunnel_ttl;
-	return verdict < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+	return weft_finish(verdict, fwd, segs, len);
 }
 
 SEC("classifier")
 int probe_endpoint(struct __sk_buff *skb)
 {
 	struct weft_fwd fwd = {};
+	__u32 segs = skb->gso_segs, len = skb->len;
 
-	return record(skb, endpoint_handle(skb, &fwd), &fwd);
+	return record(skb, endpoint_handle(skb, &fwd), &fwd, segs, len);
 }
 
 SEC("classifier")
@@ -80,6 +84,7 @@ int probe_overlay(struct __sk_buff *skb)
 	struct bpf_tunnel_key key = {};
 	__u32 zero = 0;
 	struct probe_tunnel_in *in = bpf_map_lookup_elem(&PROBE_IN, &zero);
+	__u32 segs = skb->gso_segs, len = skb->len;
 
 	if (!in)
 		return TC_ACT_SHOT;
@@ -89,15 +94,16 @@ int probe_overlay(struct __sk_buff *skb)
 	key.tunnel_ttl = in->ttl;
 	if (in->tunnel_id && bpf_skb_set_tunnel_key(skb, &key, sizeof(key), 0) < 0)
 		return TC_ACT_SHOT;
-	return record(skb, overlay_handle(skb, &fwd), &fwd);
+	return record(skb, overlay_handle(skb, &fwd), &fwd, segs, len);
 }
 
 SEC("classifier")
 int probe_underlay(struct __sk_buff *skb)
 {
 	struct weft_fwd fwd = {};
+	__u32 segs = skb->gso_segs, len = skb->len;
 
-	return record(skb, underlay_handle(skb, &fwd), &fwd);
+	return record(skb, underlay_handle(skb, &fwd), &fwd, segs, len);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -7,6 +7,8 @@
 //! namespaces made here. Processes are entered with `nsenter --net=` (never
 //! `ip netns exec`, which remounts /sys and hides bpffs).
 
+pub mod bench;
+
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -75,6 +77,8 @@ pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    /// False for an [`Netns::alias`]: dropping it leaves the namespace alone.
+    owned: bool,
 }
 
 impl Netns {
@@ -82,9 +86,14 @@ impl Netns {
     pub fn new(label: &str) -> Netns {
         let name = unique(label);
         ip(&["netns", "add", &name]);
-        let ns = Netns { name };
+        let ns = Netns { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// A second handle on the same namespace that does not delete it.
+    pub fn alias(&self) -> Netns {
+        Netns { name: self.name.clone(), owned: false }
     }
 
     /// The name under /run/netns.
@@ -142,6 +151,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
