@@ -283,6 +283,74 @@ where
     rt.block_on(weft::datapath::netns::in_netns(&ns.path(), work)).expect("enter namespace")
 }
 
+/// A packet capture (tcpdump) on an interface inside a namespace, written to a
+/// temporary pcap file that is removed on Drop.
+#[derive(Debug)]
+pub struct Capture {
+    child: Option<std::process::Child>,
+    file: PathBuf,
+}
+
+impl Capture {
+    /// Starts capturing on `iface` in `ns` and returns once tcpdump listens.
+    pub fn start(ns: &Netns, iface: &str, filter: &[&str]) -> Capture {
+        use std::io::{BufRead, BufReader};
+        let file = std::env::temp_dir().join(format!("{}.pcap", unique("cap")));
+        let mut child = ns
+            .cmd("tcpdump")
+            .args(["-i", iface, "--immediate-mode", "-U", "-n", "-w"])
+            .arg(&file)
+            .args(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump (apt-get install tcpdump)");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10)).expect("tcpdump did not start listening");
+        Capture { child: Some(child), file }
+    }
+
+    /// Stops the capture and decodes it with `tcpdump -r FILE ARGS`.
+    pub fn stop_and_read(&mut self, args: &[&str]) -> String {
+        if let Some(mut child) = self.child.take() {
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = nix_kill_int(child.id());
+            let _ = child.wait();
+        }
+        self.read(args)
+    }
+
+    /// Decodes the capture so far with `tcpdump -r FILE ARGS`.
+    pub fn read(&self, args: &[&str]) -> String {
+        let out = Command::new("tcpdump").arg("-r").arg(&self.file).args(args).output().expect("tcpdump -r");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// SIGINT to a pid we started (tcpdump flushes its file on SIGINT).
+fn nix_kill_int(pid: u32) -> std::io::Result<()> {
+    let status = Command::new("kill").args(["-INT", &pid.to_string()]).status()?;
+    if status.success() { Ok(()) } else { Err(std::io::Error::other("kill failed")) }
+}
+
 /// Runs `work` on a new std thread inside `ns` (blocking socket code).
 pub fn on_thread_in<T: Send + 'static>(ns: &Netns, work: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
     let netns = weft::datapath::netns::Netns::open(ns.path()).expect("open netns");

@@ -494,6 +494,10 @@ fn other_drops_are_counted_by_reason() {
     let (verdict, _) = run_prog(&bpf.endpoint, &frame(LOCAL_1, REMOTE_B, 64));
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(bpf.stats().dropped("no_route_to_host"), 1);
+    // The real overlay program only takes what the VXLAN device decapsulated.
+    let (verdict, _) = run_prog(&bpf.overlay, &frame(REMOTE_B, LOCAL_2, 64));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(bpf.stats().dropped("no_tunnel_metadata"), 1);
     // The overlay refuses another network's VNI.
     bpf.set_tunnel_in(ProbeIn { tunnel_id: VNI + 1, remote: u32::from(HOST_B), ttl: 60, _pad: 0 });
     let out = bpf.probe("probe_overlay", &frame(REMOTE_B, LOCAL_2, 64));
