@@ -1,1 +1,192 @@
-fn main(){}
+//! `cargo xtask`: the project's commands.
+//!
+//! - `cargo xtask build-ebpf`         compile ebpf/ with clang-19 into target/ebpf
+//! - `cargo xtask test [FILTER]`      install what is missing, run every test (or those matching FILTER)
+//! - `cargo xtask demo`               install, build, run the simulated multi-host demo
+//! - `cargo xtask bench NAME`         run a benchmark (datapath, ...)
+//!
+//! Tests, demo and benchmarks need root: network namespaces and eBPF.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages every test, the demo or a benchmark needs.
+const PACKAGES: &[&str] = &[
+    "clang-19",
+    "llvm-19",
+    "bpftool",
+    "libbpf-dev",
+    "linux-libc-dev",
+    "iproute2",
+    "iputils-ping",
+    "iperf3",
+    "tcpdump",
+    "nftables",
+    "dnsutils",
+    "procps",
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("build-ebpf") => build_ebpf(),
+        Some("test") => test(&args[1..]),
+        Some("demo") => demo(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        Some("install-deps") => install_deps(PACKAGES),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask build-ebpf | test [FILTER...] | demo | bench NAME | install-deps"
+            );
+            return ExitCode::from(64);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    xtask::workspace_root()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+fn build_ebpf() -> Result<()> {
+    let out = target_dir().join("ebpf");
+    let objects = xtask::build_ebpf(&root().join("ebpf"), &out)?;
+    for object in objects {
+        let size = std::fs::metadata(&object).map(|m| m.len()).unwrap_or(0);
+        println!("{} ({size} bytes)", object.display());
+    }
+    Ok(())
+}
+
+fn require_root(what: &str) -> Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("1");
+    if euid != "0" {
+        bail!("{what} needs root (network namespaces, eBPF, apt): run it as root");
+    }
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// Installs the Debian packages that are missing (apt-get update first if the
+/// package lists are stale).
+fn install_deps(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    require_root("installing packages")?;
+    eprintln!("installing {}", missing.join(" "));
+    let install = || {
+        Command::new("apt-get")
+            .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+    };
+    if install().is_ok_and(|s| s.success()) {
+        return Ok(());
+    }
+    // Stale lists give 404s: refresh once and retry.
+    let update = Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update"]).status()?;
+    if !update.success() || !install()?.success() {
+        bail!("apt-get could not install {}", missing.join(" "));
+    }
+    Ok(())
+}
+
+fn mount_bpffs() -> Result<()> {
+    let mounted = Command::new("mountpoint").args(["-q", "/sys/fs/bpf"]).status()?.success();
+    if !mounted {
+        let ok = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status()?.success();
+        if !ok {
+            bail!("cannot mount bpffs at /sys/fs/bpf");
+        }
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn has_nextest() -> bool {
+    cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success())
+}
+
+/// Prepares the machine for tests, the demo and benchmarks.
+fn prepare(what: &str) -> Result<()> {
+    require_root(what)?;
+    install_deps(PACKAGES)?;
+    mount_bpffs()?;
+    xtask::check_toolchain()?;
+    Ok(())
+}
+
+fn test(filters: &[String]) -> Result<()> {
+    prepare("cargo xtask test")?;
+    if has_nextest() {
+        // Every test in its own process: namespaces entered by one cannot leak
+        // into another, and a crash takes one test down, not the run.
+        run(cargo()
+            .args(["nextest", "run", "--workspace", "--no-fail-fast", "--profile", "ci"])
+            .args(filters))
+    } else {
+        eprintln!("cargo-nextest not found: falling back to cargo test");
+        let mut cmd = cargo();
+        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+        if let Some(filter) = filters.first() {
+            cmd.arg(filter);
+        }
+        run(&mut cmd)
+    }
+}
+
+fn demo(args: &[String]) -> Result<()> {
+    prepare("cargo xtask demo")?;
+    run(cargo().args(["build", "--release", "-p", "weft", "-p", "weft-tests", "--bin", "weft", "--bin", "weft-demo"]))?;
+    let bin = target_dir().join("release");
+    run(Command::new(bin.join("weft-demo")).args(args).env("WEFT_BIN", bin.join("weft")))
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let Some(name) = args.first() else {
+        bail!("usage: cargo xtask bench NAME (datapath)");
+    };
+    prepare("cargo xtask bench")?;
+    run(cargo().args(["build", "--release", "-p", "weft", "-p", "weft-tests", "--bin", "weft", "--bin", "weft-bench"]))?;
+    let bin = target_dir().join("release");
+    run(Command::new(bin.join("weft-bench")).arg(name).args(&args[1..]).env("WEFT_BIN", bin.join("weft")))
+}
