@@ -4,6 +4,14 @@
 //! shell (see DESIGN.md):
 //! - [`datapath`]: the kernel data path (eBPF TC programs + VXLAN) behind a trait.
 //! - [`mesh`]: peers, encrypted connections, topology gossip, gossip channels.
+//! - [`endpoints`]: the gossiped endpoint table and the data-path programmer.
+//! - [`api`]: the local HTTP API, status text and metrics; [`cli`] and the binary.
+//! - [`state`]: the state directory; [`app`] wires everything.
 
+pub mod api;
+pub mod app;
+pub mod cli;
 pub mod datapath;
+pub mod endpoints;
 pub mod mesh;
+pub mod state;

@@ -1,1 +1,102 @@
-fn main() {}
+//! The `weft` command: the agent (`weft launch`) and the CLI that talks to it.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use hyper::Method;
+use weft::api::client::{self, ClientError};
+use weft::api::{AttachRequest, DetachRequest};
+use weft::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // Help and version are not errors; bad usage is EX_USAGE (64).
+            return if e.use_stderr() { ExitCode::from(64) } else { ExitCode::SUCCESS };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weft: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Launch(args) => {
+            init_logging(&args.log);
+            match runtime.block_on(weft::app::run(*args, cli.api)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("weft: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
+        command => match runtime.block_on(run_client(cli.api, command)) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("weft: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("weft: ignoring --log {filter:?}: {e}");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run_client(api: std::net::SocketAddr, command: Command) -> Result<String, ClientError> {
+    let get = |path: &'static str| client::request(api, Method::GET, path, None);
+    match command {
+        Command::Launch(_) => unreachable!("handled by main"),
+        Command::Stop => client::request(api, Method::POST, "/stop", None).await,
+        Command::Connect { replace, peers } => {
+            let mut pairs: Vec<(&str, &str)> = peers.iter().map(|p| ("peer", p.as_str())).collect();
+            if replace {
+                pairs.push(("replace", "true"));
+            }
+            client::request(api, Method::POST, "/connect", Some(client::form(&pairs))).await
+        }
+        Command::Forget { peers } => {
+            let pairs: Vec<(&str, &str)> = peers.iter().map(|p| ("peer", p.as_str())).collect();
+            client::request(api, Method::POST, "/forget", Some(client::form(&pairs))).await
+        }
+        Command::Status { what } => match what.as_deref() {
+            None => get("/status").await,
+            Some(w) => client::request(api, Method::GET, &format!("/status/{w}"), None).await,
+        },
+        Command::Report => get("/report").await.map(|s| pretty_json(&s)),
+        Command::Attach(a) => {
+            let req = AttachRequest { netns: a.netns, id: a.id, addrs: a.addrs, ifname: Some(a.ifname) };
+            client::request(api, Method::POST, "/attach", Some(client::json(&req))).await
+        }
+        Command::Detach { id } => {
+            client::request(api, Method::POST, "/detach", Some(client::json(&DetachRequest { id }))).await
+        }
+        Command::Ps => get("/ps").await,
+    }
+}
+
+fn pretty_json(s: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(s) {
+        Ok(v) => format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        Err(_) => s.to_string(),
+    }
+}

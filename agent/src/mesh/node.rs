@@ -103,7 +103,7 @@ impl Node {
     /// A node named `me`; `version` is the first version its entry gets (use a
     /// value above any earlier incarnation's, e.g. the clock in microseconds).
     pub fn new(me: PeerName, nickname: String, uid: u64, version: u64, data_addr: Option<Ipv4Addr>) -> Self {
-        let own = PeerEntry { name: me, nickname, uid, version, data_addr, connections: BTreeMap::new() };
+        let own = PeerEntry { name: me, nickname, uid, version, data_addr, connections: BTreeMap::new(), paused: false };
         let mut topology = Topology::new();
         topology.merge_entry(&own);
         Node { own, topology, channels: BTreeMap::new(), routes: None }
@@ -177,6 +177,29 @@ impl Node {
         if self.own.data_addr != addr {
             self.own.data_addr = addr;
             self.publish_own(out);
+        }
+    }
+
+    /// Announces that this peer's agent is stopping on purpose while its data
+    /// path keeps forwarding (see [`PeerEntry::paused`]).
+    pub fn pause(&mut self, out: &mut Outbox) {
+        self.own.paused = true;
+        self.publish_own(out);
+    }
+
+    /// Peers that are paused and unreachable: held, not dropped.
+    pub fn held(&self) -> Vec<PeerName> {
+        let reachable = self.topology.reachable(self.me());
+        self.topology.entries().filter(|e| e.paused && !reachable.contains(&e.name)).map(|e| e.name).collect()
+    }
+
+    /// Drops a held peer for good (its hold expired) and tells the channels.
+    pub fn forget_peer(&mut self, name: PeerName) {
+        if name != self.me() && self.topology.remove(name) {
+            self.changed();
+            for ch in self.channels.values() {
+                ch.on_peers_gone(&[name]);
+            }
         }
     }
 

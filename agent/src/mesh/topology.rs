@@ -36,6 +36,10 @@ pub struct PeerEntry {
     pub data_addr: Option<Ipv4Addr>,
     /// Established connections.
     pub connections: BTreeMap<PeerName, ConnEntry>,
+    /// Its agent stopped on purpose and its data path keeps forwarding: peers
+    /// keep its endpoints and routes (for a hold period) instead of dropping them.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 impl PeerEntry {
@@ -121,15 +125,22 @@ impl Topology {
         self.peers.keys().map(|p| (*p, self.neighbours(*p))).collect()
     }
 
+    /// Removes one peer (a paused peer whose hold expired); true if it was known.
+    pub fn remove(&mut self, name: PeerName) -> bool {
+        self.peers.remove(&name).is_some()
+    }
+
     /// Peers reachable from `me` over symmetric links (including `me`).
     pub fn reachable(&self, me: PeerName) -> BTreeSet<PeerName> {
         bfs(&self.adjacency(), me).into_keys().collect()
     }
 
-    /// Drops every peer `me` cannot reach; returns the names dropped.
+    /// Drops every peer `me` cannot reach, except paused ones (their data paths
+    /// still forward); returns the names dropped.
     pub fn prune(&mut self, me: PeerName) -> Vec<PeerName> {
         let keep = self.reachable(me);
-        let gone: Vec<PeerName> = self.peers.keys().copied().filter(|p| !keep.contains(p)).collect();
+        let gone: Vec<PeerName> =
+            self.peers.values().filter(|e| !keep.contains(&e.name) && !e.paused).map(|e| e.name).collect();
         for p in &gone {
             self.peers.remove(p);
         }
@@ -220,6 +231,7 @@ mod tests {
             uid: 7,
             version,
             data_addr: None,
+            paused: false,
             connections: conns
                 .iter()
                 .map(|c| (name(*c), ConnEntry { addr: "127.0.0.1:6783".parse().unwrap(), outbound: i < *c }))
@@ -228,10 +240,11 @@ mod tests {
     }
 
     fn arb_entry() -> impl Strategy<Value = PeerEntry> {
-        (0u64..5, 0u64..4, 0u64..3, proptest::collection::btree_set(0u64..5, 0..4)).prop_map(
-            |(i, version, uid, conns)| {
+        (0u64..5, 0u64..4, 0u64..3, proptest::collection::btree_set(0u64..5, 0..4), any::<bool>()).prop_map(
+            |(i, version, uid, conns, paused)| {
                 let mut e = entry(i, version, &conns.into_iter().collect::<Vec<_>>());
                 e.uid = uid;
+                e.paused = paused;
                 e
             },
         )
@@ -299,5 +312,12 @@ mod tests {
         assert_eq!(t.routes(name(1)).broadcast(name(0)), &[name(2)], "1 passes 0's broadcasts to 2");
         let mut t = t;
         assert_eq!(t.prune(name(0)), vec![name(3)]);
+        // A paused peer stays while unreachable, until removed.
+        let mut paused = entry(4, 1, &[]);
+        paused.paused = true;
+        t.merge_entry(&paused);
+        assert!(t.prune(name(0)).is_empty());
+        assert!(t.get(name(4)).is_some());
+        assert!(t.remove(name(4)));
     }
 }

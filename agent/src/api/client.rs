@@ -1,0 +1,76 @@
+//! The CLI's side of the API: one HTTP/1.1 request per command.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+
+/// Why a request to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the weft agent at {addr}: {source}; is `weft launch` running? (--api or WEFT_API choose another address)")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the weft agent: {0}")]
+    Http(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends a request and returns the body of a successful answer; an error answer
+/// becomes [`ClientError::Refused`] carrying the agent's message.
+pub async fn request(
+    api: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Option<(&str, Vec<u8>)>,
+) -> Result<String, ClientError> {
+    let stream =
+        tokio::net::TcpStream::connect(api).await.map_err(|source| ClientError::Connect { addr: api, source })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    tokio::spawn(conn);
+    let mut req = Request::builder().method(method).uri(path).header("host", api.to_string());
+    let payload = match body {
+        Some((content_type, bytes)) => {
+            req = req.header("content-type", content_type);
+            Bytes::from(bytes)
+        }
+        None => Bytes::new(),
+    };
+    let req = req.body(Full::new(payload)).map_err(|e| ClientError::Http(e.to_string()))?;
+    let resp = sender.send_request(req).await.map_err(|e| ClientError::Http(e.to_string()))?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?.to_bytes();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    if status == StatusCode::OK {
+        Ok(text)
+    } else {
+        Err(ClientError::Refused(text.trim().to_string()))
+    }
+}
+
+/// `application/x-www-form-urlencoded` of `pairs`.
+pub fn form(pairs: &[(&str, &str)]) -> (&'static str, Vec<u8>) {
+    let enc = |s: &str| -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    let body: Vec<String> = pairs.iter().map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect();
+    ("application/x-www-form-urlencoded", body.join("&").into_bytes())
+}
+
+/// JSON of `value`.
+pub fn json<T: serde::Serialize>(value: &T) -> (&'static str, Vec<u8>) {
+    ("application/json", serde_json::to_vec(value).expect("requests serialize"))
+}

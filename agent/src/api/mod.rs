@@ -1,0 +1,272 @@
+//! The local HTTP API (127.0.0.1:6784), with Weave's paths where they apply:
+//! `/status`, `/status/{peers,connections,targets,...}` (text, as the CLI prints
+//! it), `/report` (JSON), `/connect`, `/forget`, `/metrics` (Prometheus), plus
+//! `/stop`, `/attach`, `/detach` and `/ps`. The CLI is a thin client of it.
+
+pub mod client;
+pub mod metrics;
+pub mod render;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Form, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::datapath::{Datapath, LocalEndpoint};
+use crate::endpoints::{self, EndpointTable};
+use crate::mesh::MeshHandle;
+use crate::state::StateStore;
+
+/// What the handlers reach.
+#[derive(Clone)]
+pub struct Ctx {
+    pub mesh: MeshHandle,
+    pub dp: Arc<dyn Datapath>,
+    pub table: Arc<EndpointTable>,
+    pub store: Arc<StateStore>,
+    pub shutdown: CancellationToken,
+    pub started: Instant,
+    pub info: Arc<AgentInfo>,
+}
+
+/// Facts about the agent for status output.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentInfo {
+    pub version: &'static str,
+    pub discovery: bool,
+    pub trusted_subnets: Vec<Ipv4Net>,
+    pub conn_limit: usize,
+    pub encap: String,
+    pub underlay: String,
+    pub ipalloc_range: Ipv4Net,
+}
+
+/// An error answered as `status` with a one-line message.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, format!("{}\n", self.1)).into_response()
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+fn text(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+/// The routes.
+pub fn router(ctx: Ctx) -> Router {
+    Router::new()
+        .route("/status", get(status))
+        .route("/status/{what}", get(status_of))
+        .route("/report", get(report))
+        .route("/connect", post(connect))
+        .route("/forget", post(forget))
+        .route("/metrics", get(metrics::handler))
+        .route("/stop", post(stop))
+        .route("/attach", post(attach))
+        .route("/detach", post(detach))
+        .route("/ps", get(ps))
+        .with_state(ctx)
+}
+
+/// Serves the API on `addr` until `cancel`.
+pub async fn serve(addr: SocketAddr, ctx: Ctx, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        let app = router(ctx);
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await {
+            warn!(error = %e, "HTTP API stopped");
+        }
+    });
+    Ok(local)
+}
+
+async fn status(State(ctx): State<Ctx>) -> Response {
+    let dp = ctx.dp.stats().await.ok();
+    let status = ctx.mesh.status().borrow().clone();
+    text(render::status(&status, &ctx.info, ctx.dp.as_ref(), dp.as_ref()))
+}
+
+async fn status_of(State(ctx): State<Ctx>, Path(what): Path<String>) -> Result<Response, ApiError> {
+    let status = ctx.mesh.status().borrow().clone();
+    Ok(text(match what.as_str() {
+        "peers" => render::peers(&status),
+        "connections" => render::connections(&status),
+        "targets" => render::targets(&status),
+        "endpoints" => render::endpoint_table(&ctx.table.all(), &status),
+        "datapath" => render::datapath(&ctx.dp.stats().await.map_err(internal)?),
+        other => {
+            return Err(bad_request(format!(
+                "unknown status {other:?}: use peers, connections, targets, endpoints or datapath"
+            )));
+        }
+    }))
+}
+
+/// `weft report`.
+#[derive(Serialize)]
+struct Report {
+    version: &'static str,
+    uptime_seconds: u64,
+    router: crate::mesh::MeshStatus,
+    info: AgentInfo,
+    datapath: DatapathReport,
+    endpoints: Vec<endpoints::table::PeerEndpoints>,
+}
+
+#[derive(Serialize)]
+struct DatapathReport {
+    backend: &'static str,
+    underlay_address: std::net::Ipv4Addr,
+    endpoint_mtu: u32,
+    local_endpoints: Vec<crate::datapath::AttachedEndpoint>,
+    remote_endpoints: Vec<crate::datapath::RemoteEndpoint>,
+    hosts: std::collections::BTreeMap<std::net::Ipv4Addr, std::net::Ipv4Addr>,
+    stats: crate::datapath::Stats,
+}
+
+async fn report(State(ctx): State<Ctx>) -> Result<Json<Report>, ApiError> {
+    let dp = &ctx.dp;
+    // Cloned first: a watch guard must not be held across the awaits below.
+    let router = ctx.mesh.status().borrow().clone();
+    Ok(Json(Report {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: ctx.started.elapsed().as_secs(),
+        router,
+        info: (*ctx.info).clone(),
+        datapath: DatapathReport {
+            backend: dp.name(),
+            underlay_address: dp.local_address(),
+            endpoint_mtu: dp.endpoint_mtu(),
+            local_endpoints: dp.local_endpoints().await.map_err(internal)?,
+            remote_endpoints: dp.remote_endpoints().await.map_err(internal)?,
+            hosts: dp.peer_hosts().await.map_err(internal)?,
+            stats: dp.stats().await.map_err(internal)?,
+        },
+        endpoints: ctx.table.all(),
+    }))
+}
+
+fn form_values(form: &[(String, String)], key: &str) -> Vec<String> {
+    form.iter().filter(|(k, _)| k == key).map(|(_, v)| v.trim().to_string()).filter(|v| !v.is_empty()).collect()
+}
+
+async fn connect(State(ctx): State<Ctx>, Form(form): Form<Vec<(String, String)>>) -> Result<Response, ApiError> {
+    let peers = form_values(&form, "peer");
+    let replace = form_values(&form, "replace").iter().any(|v| v == "true" || v == "1");
+    if peers.is_empty() && !replace {
+        return Err(bad_request("give at least one peer=host[:port]"));
+    }
+    for p in &peers {
+        validate_peer(p)?;
+    }
+    ctx.mesh.connect(peers.clone(), replace).await.map_err(internal)?;
+    ctx.store
+        .update(|s| {
+            if replace {
+                s.peers.clear();
+            }
+            for p in &peers {
+                if !s.peers.contains(p) {
+                    s.peers.push(p.clone());
+                }
+            }
+        })
+        .map_err(internal)?;
+    Ok(text(String::new()))
+}
+
+async fn forget(State(ctx): State<Ctx>, Form(form): Form<Vec<(String, String)>>) -> Result<Response, ApiError> {
+    let peers = form_values(&form, "peer");
+    if peers.is_empty() {
+        return Err(bad_request("give at least one peer=host[:port]"));
+    }
+    ctx.mesh.forget(peers.clone()).await.map_err(internal)?;
+    ctx.store.update(|s| s.peers.retain(|p| !peers.contains(p))).map_err(internal)?;
+    Ok(text(String::new()))
+}
+
+/// A peer address must be `host` or `host:port` with a sane host.
+fn validate_peer(p: &str) -> Result<(), ApiError> {
+    let host = match p.rsplit_once(':') {
+        Some((h, port)) => {
+            port.parse::<u16>().map_err(|_| bad_request(format!("invalid port in {p:?}")))?;
+            h
+        }
+        None => p,
+    };
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    if ok { Ok(()) } else { Err(bad_request(format!("invalid peer address {p:?}: expected host or host:port"))) }
+}
+
+async fn stop(State(ctx): State<Ctx>) -> Response {
+    info!("stop requested over the API");
+    ctx.shutdown.cancel();
+    text("stopping\n".into())
+}
+
+/// `POST /attach`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AttachRequest {
+    pub netns: String,
+    pub id: Option<String>,
+    pub addrs: Vec<Ipv4Net>,
+    pub ifname: Option<String>,
+}
+
+/// `POST /detach`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DetachRequest {
+    pub id: String,
+}
+
+/// `/run/netns/NAME` for a bare name, the path otherwise.
+fn netns_path(netns: &str) -> PathBuf {
+    if netns.contains('/') { PathBuf::from(netns) } else { PathBuf::from("/run/netns").join(netns) }
+}
+
+async fn attach(State(ctx): State<Ctx>, Json(req): Json<AttachRequest>) -> Result<Response, ApiError> {
+    let path = netns_path(&req.netns);
+    let id = req.id.clone().unwrap_or_else(|| {
+        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| req.netns.clone())
+    });
+    let mut ep = LocalEndpoint::new(id, path, req.addrs.clone());
+    if let Some(ifname) = req.ifname {
+        ep.ifname = ifname;
+    }
+    let attached = ctx.dp.attach_endpoint(&ep).await.map_err(|e| bad_request(e.to_string()))?;
+    endpoints::announce_local(ctx.dp.as_ref(), &ctx.table, &ctx.mesh).await;
+    Ok(text(render::ps(&[attached])))
+}
+
+async fn detach(State(ctx): State<Ctx>, Json(req): Json<DetachRequest>) -> Result<Response, ApiError> {
+    ctx.dp.detach_endpoint(&req.id).await.map_err(|e| bad_request(e.to_string()))?;
+    endpoints::announce_local(ctx.dp.as_ref(), &ctx.table, &ctx.mesh).await;
+    Ok(text(String::new()))
+}
+
+async fn ps(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
+    Ok(text(render::ps(&ctx.dp.local_endpoints().await.map_err(internal)?)))
+}

@@ -1,0 +1,136 @@
+//! Human-readable status, as `weft status ...` prints it (Weave's layout).
+
+use std::fmt::Write;
+
+use super::AgentInfo;
+use crate::datapath::{AttachedEndpoint, Datapath, Stats, format_mac};
+use crate::endpoints::table::PeerEndpoints;
+use crate::mesh::{ConnState, MeshStatus, PeerName};
+
+fn who(name: PeerName, nickname: Option<&str>) -> String {
+    match nickname {
+        Some(n) => format!("{name}({n})"),
+        None => name.to_string(),
+    }
+}
+
+/// `weft status`.
+pub fn status(s: &MeshStatus, info: &AgentInfo, dp: &dyn Datapath, stats: Option<&Stats>) -> String {
+    let mut out = String::new();
+    let established = s.connections.iter().filter(|c| c.state == ConnState::Established).count();
+    let failed = s.connections.iter().filter(|c| c.state == ConnState::Failed).count();
+    let links: usize = s.peers.iter().map(|p| p.connections.iter().filter(|c| c.established).count()).sum();
+    let name = s.name.map(|n| who(n, Some(&s.nickname))).unwrap_or_default();
+    let rows: Vec<(&str, String)> = vec![
+        ("Version", format!("weft {}", info.version)),
+        ("", String::new()),
+        ("Service", "router".into()),
+        ("Protocol", format!("weft {}", crate::mesh::wire::VERSION_MAX)),
+        ("Name", name),
+        ("Encryption", if s.encrypted { "enabled".into() } else { "disabled".into() }),
+        ("PeerDiscovery", if info.discovery { "enabled".into() } else { "disabled".into() }),
+        ("Targets", s.targets.len().to_string()),
+        (
+            "Connections",
+            format!("{} ({established} established, {failed} failed)", s.connections.len()),
+        ),
+        ("Peers", format!("{} (with {links} established connections)", s.peers.len())),
+        ("TrustedSubnets", if info.trusted_subnets.is_empty() {
+            "none".into()
+        } else {
+            info.trusted_subnets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        }),
+        ("", String::new()),
+        ("Service", "datapath".into()),
+        ("Mode", format!("{} ({} encapsulation)", dp.name(), info.encap)),
+        ("Underlay", format!("{} {}", info.underlay, dp.local_address())),
+        ("EndpointMTU", dp.endpoint_mtu().to_string()),
+        ("Range", info.ipalloc_range.to_string()),
+    ];
+    for (k, v) in rows {
+        if k.is_empty() {
+            out.push('\n');
+        } else {
+            let _ = writeln!(out, "{k:>15}: {v}");
+        }
+    }
+    if let Some(st) = stats {
+        let paths: Vec<String> = st.paths.iter().map(|(k, c)| format!("{k} {}", c.packets)).collect();
+        let _ = writeln!(out, "{:>15}: {}", "Packets", paths.join(", "));
+        let drops: u64 = st.drops.values().map(|c| c.packets).sum();
+        let _ = writeln!(out, "{:>15}: {drops}", "Dropped");
+    }
+    out
+}
+
+/// `weft status peers`.
+pub fn peers(s: &MeshStatus) -> String {
+    let mut out = String::new();
+    for p in &s.peers {
+        let _ = writeln!(out, "{}", who(p.name, Some(&p.nickname)));
+        for c in &p.connections {
+            let arrow = if c.outbound { "->" } else { "<-" };
+            let state = if c.established { "established" } else { "pending" };
+            let _ = writeln!(out, "   {arrow} {:<21} {:<40} {state}", c.addr, who(c.name, c.nickname.as_deref()));
+        }
+    }
+    out
+}
+
+/// `weft status connections`.
+pub fn connections(s: &MeshStatus) -> String {
+    let mut out = String::new();
+    for c in &s.connections {
+        let arrow = if c.outbound { "->" } else { "<-" };
+        let state = match c.state {
+            ConnState::Established => "established",
+            ConnState::Connecting => "connecting",
+            ConnState::Failed => "failed",
+        };
+        let peer = c.peer.map(|p| who(p, c.nickname.as_deref())).unwrap_or_default();
+        let _ = writeln!(out, "{arrow} {:<21} {state:<12} {:<12} {peer}", c.addr, c.info);
+    }
+    out
+}
+
+/// `weft status targets`.
+pub fn targets(s: &MeshStatus) -> String {
+    s.targets.iter().map(|t| format!("{t}\n")).collect()
+}
+
+/// `weft status endpoints`: the gossiped endpoint table.
+pub fn endpoint_table(entries: &[PeerEndpoints], s: &MeshStatus) -> String {
+    let mut out = String::new();
+    for e in entries {
+        let nick = s.peers.iter().find(|p| p.name == e.peer).map(|p| p.nickname.as_str());
+        for ep in &e.endpoints {
+            let _ = writeln!(out, "{:<16} {}  {}", ep.addr, format_mac(&ep.mac), who(e.peer, nick));
+        }
+    }
+    out
+}
+
+/// `weft status datapath`: counters per path and drop reason.
+pub fn datapath(st: &Stats) -> String {
+    let mut out = String::from("PATH                  PACKETS        BYTES\n");
+    for (k, c) in &st.paths {
+        let _ = writeln!(out, "{k:<20} {:>9} {:>12}", c.packets, c.bytes);
+    }
+    if !st.drops.is_empty() {
+        out.push_str("\nDROPPED               PACKETS        BYTES\n");
+        for (k, c) in &st.drops {
+            let _ = writeln!(out, "{k:<20} {:>9} {:>12}", c.packets, c.bytes);
+        }
+    }
+    out
+}
+
+/// `weft ps`: id, MAC, addresses (Weave's layout).
+pub fn ps(eps: &[AttachedEndpoint]) -> String {
+    let mut out = String::new();
+    for e in eps {
+        let addrs: Vec<String> = e.addrs.iter().map(ToString::to_string).collect();
+        let _ = writeln!(out, "{} {} {}", e.id, format_mac(&e.mac), addrs.join(" "));
+    }
+    out
+}

@@ -1,0 +1,207 @@
+//! Wiring: validate the launch settings, start the subsystems, serve the API,
+//! wait for a stop, drain. Stopping never tears the data path down: pinned
+//! programs keep forwarding until an agent starts again and adopts them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::{self, AgentInfo, Ctx};
+use crate::cli::LaunchArgs;
+use crate::datapath::ebpf::{EbpfDatapath, EbpfOptions};
+use crate::datapath::netlink::Netlink;
+use crate::datapath::{Datapath, DatapathError};
+use crate::endpoints::{self, EndpointTable, Programmer};
+use crate::mesh::{self, MeshConfig, PeerName};
+use crate::state::{StateError, StateStore};
+
+/// Why the agent could not run. Each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("weft launch needs root (network namespaces, eBPF, netlink): run it as root")]
+    NotRoot,
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Mesh(#[from] mesh::MeshError),
+    #[error("cannot serve the API on {addr}: {source} (is another weft running? pass --api)")]
+    Api {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("address range {range} overlaps the route to {route} on {iface}; pass --ipalloc-range with a range no host route uses")]
+    RangeOverlap { range: Ipv4Net, route: Ipv4Net, iface: String },
+}
+
+impl AppError {
+    /// Exit code: 64 for bad usage (sysexits EX_USAGE), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Usage(_) | AppError::RangeOverlap { .. } => 64,
+            _ => 1,
+        }
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "weft".into())
+}
+
+/// The peer name: `--name`, else the one persisted, else from /etc/machine-id.
+fn peer_name(args: &LaunchArgs, store: &StateStore) -> Result<PeerName, AppError> {
+    if let Some(name) = &args.name {
+        let name: PeerName = name.parse().map_err(|e: mesh::peer::BadPeerName| AppError::Usage(e.to_string()))?;
+        store.update(|s| s.peer_name = Some(name))?;
+        return Ok(name);
+    }
+    if let Some(name) = store.load()?.peer_name {
+        return Ok(name);
+    }
+    let name = match std::fs::read_to_string("/etc/machine-id") {
+        Ok(id) if !id.trim().is_empty() => PeerName::from_machine_id(&id),
+        _ => PeerName::random(),
+    };
+    store.update(|s| s.peer_name = Some(name))?;
+    Ok(name)
+}
+
+/// Refuses an overlay range that overlaps a route of the host (other than the
+/// default route and weft's own).
+pub async fn check_range(nl: &Netlink, range: Ipv4Net) -> Result<(), AppError> {
+    let links = nl.links().await.map_err(DatapathError::from)?;
+    let ours = |index: u32| {
+        links.iter().find(|l| l.index == index).is_some_and(|l| {
+            l.alias.as_deref().is_some_and(|a| a.starts_with("weft:")) || l.name.starts_with("weft")
+        })
+    };
+    for r in nl.routes().await.map_err(DatapathError::from)? {
+        if r.table != 254 || r.dst.prefix_len() == 0 {
+            continue;
+        }
+        if r.oif.is_some_and(ours) {
+            continue;
+        }
+        if range.contains(&r.dst.network()) || r.dst.contains(&range.network()) {
+            let iface = r
+                .oif
+                .and_then(|i| links.iter().find(|l| l.index == i))
+                .map_or_else(|| "?".to_string(), |l| l.name.clone());
+            return Err(AppError::RangeOverlap { range, route: r.dst, iface });
+        }
+    }
+    Ok(())
+}
+
+/// Runs the agent until SIGINT, SIGTERM or `weft stop`.
+pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(AppError::NotRoot);
+    }
+    if !(0.05..=60.0).contains(&args.heartbeat) {
+        return Err(AppError::Usage(format!("--heartbeat {} must be between 0.05 and 60 seconds", args.heartbeat)));
+    }
+    let started = Instant::now();
+    let store = Arc::new(StateStore::open(&args.state_dir)?);
+    let name = peer_name(&args, &store)?;
+    let nickname = args.nickname.clone().unwrap_or_else(hostname);
+
+    let nl = Netlink::connect().map_err(DatapathError::from)?;
+    check_range(&nl, args.ipalloc_range).await?;
+
+    let mut opts = EbpfOptions::new(args.pin_name.clone().unwrap_or_else(|| name.to_string().replace(':', "")));
+    opts.pin_root = args.pin_root.clone();
+    opts.underlay = args.iface.clone();
+    opts.local_ip = args.advertise_address;
+    opts.mtu = args.mtu;
+    opts.encap = args.encap;
+    opts.port = args.vxlan_port;
+    let ebpf = EbpfDatapath::start(opts).await?;
+    let underlay = format!("{}", ebpf.underlay().name);
+    let dp: Arc<dyn Datapath> = Arc::new(ebpf);
+
+    let version = mesh::now_micros();
+    let table = Arc::new(EndpointTable::new(name, version));
+    let mut peers = args.peers.clone();
+    let saved = store.update(|s| {
+        for p in &args.peers {
+            if !s.peers.contains(p) {
+                s.peers.push(p.clone());
+            }
+        }
+        s.peers.clone()
+    })?;
+    for p in saved {
+        if !peers.contains(&p) {
+            peers.push(p);
+        }
+    }
+    let mut config = MeshConfig::new(name, nickname.clone());
+    config.version = version;
+    config.listen = SocketAddr::from((args.host, args.port));
+    config.password = args.password.clone().filter(|p| !p.is_empty());
+    config.peers = peers;
+    config.conn_limit = args.conn_limit;
+    config.discovery = !args.no_discovery;
+    config.heartbeat = Duration::from_secs_f64(args.heartbeat);
+    config.heartbeat_timeout = config.heartbeat * 5;
+    config.data_addr = Some(dp.local_address());
+    let channels: Vec<(String, Arc<dyn mesh::Gossiper>)> = vec![(endpoints::CHANNEL.to_string(), table.clone())];
+    let mesh = mesh::spawn(config, channels).await?;
+
+    endpoints::announce_local(dp.as_ref(), &table, &mesh).await;
+    let shutdown = CancellationToken::new();
+    let programmer = Programmer { dp: dp.clone(), mesh: mesh.clone(), table: table.clone() };
+    let prog_task = tokio::spawn(programmer.run(shutdown.child_token()));
+
+    let info = Arc::new(AgentInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        discovery: !args.no_discovery,
+        trusted_subnets: args.trusted_subnets.clone(),
+        conn_limit: args.conn_limit,
+        encap: format!("{:?}", args.encap).to_lowercase(),
+        underlay,
+        ipalloc_range: args.ipalloc_range,
+    });
+    let ctx = Ctx {
+        mesh: mesh.clone(),
+        dp: dp.clone(),
+        table: table.clone(),
+        store: store.clone(),
+        shutdown: shutdown.clone(),
+        started,
+        info,
+    };
+    let local = api::serve(api_addr, ctx, shutdown.child_token())
+        .await
+        .map_err(|source| AppError::Api { addr: api_addr, source })?;
+    info!(peer = %name, %nickname, api = %local, mesh = %mesh.local_addr(), "weft is running");
+
+    wait_for_stop(&shutdown).await;
+    info!("stopping: the data path keeps forwarding until the next start");
+    shutdown.cancel();
+    mesh.stop().await;
+    if tokio::time::timeout(Duration::from_secs(5), prog_task).await.is_err() {
+        warn!("the data-path programmer did not stop in time");
+    }
+    Ok(())
+}
+
+async fn wait_for_stop(shutdown: &CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+}

@@ -1,0 +1,163 @@
+//! Command-line definitions only (clap). Weave's verbs and flags where they apply.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+
+use crate::datapath::ebpf::Encap;
+
+/// weft: a container overlay network for Linux hosts (the successor to Weave Net).
+#[derive(Debug, Parser)]
+#[command(name = "weft", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The local agent's HTTP API.
+    #[arg(long, global = true, env = "WEFT_API", default_value = "127.0.0.1:6784")]
+    pub api: SocketAddr,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent on this host (foreground), connecting to PEERs.
+    Launch(Box<LaunchArgs>),
+    /// Stop the local agent. The data path keeps forwarding.
+    Stop,
+    /// Add peers to connect to (and keep connected).
+    Connect {
+        /// Replace the peers given so far instead of adding.
+        #[arg(long)]
+        replace: bool,
+        /// host or host:port
+        #[arg(required_unless_present = "replace")]
+        peers: Vec<String>,
+    },
+    /// Stop connecting to peers (existing connections stay until they drop).
+    Forget {
+        #[arg(required = true)]
+        peers: Vec<String>,
+    },
+    /// Show the agent's state.
+    Status {
+        /// peers | connections | targets | endpoints | datapath
+        what: Option<String>,
+    },
+    /// Everything the agent knows, as JSON.
+    Report,
+    /// Attach a container (network namespace) to the overlay.
+    Attach(AttachArgs),
+    /// Detach a container from the overlay.
+    Detach {
+        /// The id given at attach (or the namespace's name).
+        id: String,
+    },
+    /// List the attached containers: id, MAC, addresses.
+    Ps,
+}
+
+/// `weft launch`.
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// Peers to connect to: host or host:port.
+    pub peers: Vec<String>,
+
+    /// Encrypt and authenticate the control plane with this password.
+    #[arg(long, env = "WEFT_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+
+    /// This peer's name (aa:bb:cc:dd:ee:ff); default: from /etc/machine-id.
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// A readable name for this peer; default: the hostname.
+    #[arg(long)]
+    pub nickname: Option<String>,
+
+    /// TCP port for control connections.
+    #[arg(long, default_value_t = crate::mesh::DEFAULT_PORT)]
+    pub port: u16,
+
+    /// Address to listen on for control connections.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: Ipv4Addr,
+
+    /// Most control connections to keep.
+    #[arg(long, default_value_t = crate::mesh::DEFAULT_CONN_LIMIT)]
+    pub conn_limit: usize,
+
+    /// Do not connect to peers learned from other peers.
+    #[arg(long)]
+    pub no_discovery: bool,
+
+    /// Subnets whose peers need no encryption (accepted for Weave compatibility;
+    /// the data path is not encrypted yet, so it changes nothing today).
+    #[arg(long, value_delimiter = ',')]
+    pub trusted_subnets: Vec<Ipv4Net>,
+
+    /// The underlay interface; default: the interface of the default route.
+    #[arg(long)]
+    pub iface: Option<String>,
+
+    /// This host's underlay address; default: the first IPv4 of --iface.
+    #[arg(long)]
+    pub advertise_address: Option<Ipv4Addr>,
+
+    /// Endpoint MTU; default: the underlay's MTU minus 50 (VXLAN).
+    #[arg(long, env = "WEFT_MTU")]
+    pub mtu: Option<u32>,
+
+    /// Encapsulation: direct (in the TC program) or device (the VXLAN device).
+    #[arg(long, default_value = "direct")]
+    pub encap: Encap,
+
+    /// VXLAN UDP port.
+    #[arg(long, default_value_t = crate::datapath::DEFAULT_VXLAN_PORT)]
+    pub vxlan_port: u16,
+
+    /// The overlay's address range (containers' addresses come from it).
+    #[arg(long, default_value = "10.32.0.0/12")]
+    pub ipalloc_range: Ipv4Net,
+
+    /// Where identity and known peers are kept.
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
+    pub state_dir: PathBuf,
+
+    /// bpffs directory for this host's pins (several simulated hosts share one bpffs).
+    #[arg(long, default_value = crate::datapath::ebpf::DEFAULT_PIN_ROOT)]
+    pub pin_root: PathBuf,
+
+    /// Name of this host's pin directory; default: the peer name.
+    #[arg(long)]
+    pub pin_name: Option<String>,
+
+    /// Seconds between heartbeats (the timeout is five of them).
+    #[arg(long, default_value_t = 1.0)]
+    pub heartbeat: f64,
+
+    /// Log filter (tracing syntax), e.g. info,weft=debug.
+    #[arg(long, env = "WEFT_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// `weft attach`.
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// The container's network namespace: a path (/proc/PID/ns/net, /run/netns/NAME) or a name in /run/netns.
+    #[arg(long)]
+    pub netns: String,
+
+    /// An id for the endpoint; default: the namespace's name.
+    #[arg(long)]
+    pub id: Option<String>,
+
+    /// Addresses with prefix, e.g. 10.32.1.5/12.
+    #[arg(required = true)]
+    pub addrs: Vec<Ipv4Net>,
+
+    /// Interface name inside the container.
+    #[arg(long, default_value = crate::datapath::DEFAULT_ENDPOINT_IFNAME)]
+    pub ifname: String,
+}

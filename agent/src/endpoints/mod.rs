@@ -1,0 +1,219 @@
+//! The `endpoints` gossip channel and the data-path programmer.
+//!
+//! Every peer publishes its local endpoints (overlay address, MAC) as one
+//! versioned entry; entries merge by highest version and leave with their peer.
+//! The [`Programmer`] turns the topology (who is reachable, through which
+//! neighbour, at which underlay address) and this table into data-path state:
+//! next hops per host and remote endpoints — and removes what is gone.
+//!
+//! Owns: the endpoint table. Must not touch: IPAM, DNS, Docker.
+
+pub mod table;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::datapath::{Datapath, RemoteEndpoint};
+use crate::mesh::{ConnState, MeshHandle, MeshStatus, PeerName};
+
+pub use table::{EndpointRecord, EndpointTable};
+
+/// The gossip channel's name.
+pub const CHANNEL: &str = "endpoints";
+
+/// What the data path should hold, computed from the mesh and the table.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Host (underlay address) → next hop address.
+    pub hosts: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    pub remotes: BTreeMap<Ipv4Addr, RemoteEndpoint>,
+}
+
+/// Computes the desired data-path state (pure: unit-tested directly). `have`
+/// is what the data path routes now: a held peer (stopped on purpose, data path
+/// still forwarding) keeps its route and endpoints as they are.
+pub fn desired(
+    me: PeerName,
+    status: &MeshStatus,
+    table: &BTreeMap<PeerName, Vec<EndpointRecord>>,
+    have: &BTreeMap<Ipv4Addr, Ipv4Addr>,
+) -> Desired {
+    let data_addr: BTreeMap<PeerName, Ipv4Addr> =
+        status.peers.iter().filter_map(|p| p.data_addr.map(|a| (p.name, a))).collect();
+    // The underlay address of each neighbour, as we reach it.
+    let neighbour_addr: BTreeMap<PeerName, Ipv4Addr> = status
+        .connections
+        .iter()
+        .filter(|c| c.state == ConnState::Established)
+        .filter_map(|c| {
+            let addr: SocketAddr = c.addr.parse().ok()?;
+            match (c.peer, addr) {
+                (Some(p), SocketAddr::V4(a)) => Some((p, *a.ip())),
+                _ => None,
+            }
+        })
+        .collect();
+    let mut d = Desired::default();
+    for (peer, hop) in &status.routes {
+        if *peer == me {
+            continue;
+        }
+        let (Some(host), Some(via)) = (data_addr.get(peer), neighbour_addr.get(hop)) else { continue };
+        // A neighbour is reached at the address we connected to; a relayed peer
+        // through its first hop's.
+        d.hosts.insert(*host, *via);
+        for ep in table.get(peer).map(Vec::as_slice).unwrap_or_default() {
+            d.remotes.insert(ep.addr, RemoteEndpoint { addr: ep.addr, mac: ep.mac, host: *host });
+        }
+    }
+    for peer in &status.held {
+        let Some(host) = data_addr.get(peer) else { continue };
+        let Some(via) = have.get(host) else { continue };
+        d.hosts.insert(*host, *via);
+        for ep in table.get(peer).map(Vec::as_slice).unwrap_or_default() {
+            d.remotes.insert(ep.addr, RemoteEndpoint { addr: ep.addr, mac: ep.mac, host: *host });
+        }
+    }
+    d
+}
+
+/// Keeps the data path in line with the mesh and the endpoint table.
+pub struct Programmer {
+    pub dp: Arc<dyn Datapath>,
+    pub mesh: MeshHandle,
+    pub table: Arc<EndpointTable>,
+}
+
+impl Programmer {
+    /// Runs until `cancel`.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut status = self.mesh.status();
+        let mut changes = self.table.subscribe();
+        loop {
+            let snapshot = status.borrow_and_update().clone();
+            if let Err(e) = self.apply(&snapshot).await {
+                warn!(error = %e, "programming the data path failed; retrying on the next change");
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = status.changed() => if r.is_err() { return },
+                r = changes.changed() => if r.is_err() { return },
+                // Catch up even without changes (routes of the kernel may move).
+                _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+            }
+        }
+    }
+
+    async fn apply(&self, status: &MeshStatus) -> Result<(), crate::datapath::DatapathError> {
+        let me = self.mesh.name();
+        let have_hosts = self.dp.peer_hosts().await?;
+        let want = desired(me, status, &self.table.remote_entries(me), &have_hosts);
+        for (host, via) in &want.hosts {
+            if have_hosts.get(host) != Some(via) {
+                info!(%host, %via, "route to host");
+                if host == via {
+                    self.dp.add_peer_host(*host).await?;
+                } else {
+                    self.dp.set_next_hop(*host, *via).await?;
+                }
+            }
+        }
+        for host in have_hosts.keys() {
+            if !want.hosts.contains_key(host) {
+                info!(%host, "host unreachable: removing its route");
+                self.dp.remove_peer_host(*host).await?;
+            }
+        }
+        let have: BTreeMap<Ipv4Addr, RemoteEndpoint> =
+            self.dp.remote_endpoints().await?.into_iter().map(|r| (r.addr, r)).collect();
+        for (addr, r) in &want.remotes {
+            if have.get(addr) != Some(r) {
+                debug!(%addr, host = %r.host, "remote endpoint");
+                if let Err(e) = self.dp.set_remote_endpoint(r).await {
+                    warn!(%addr, error = %e, "cannot program a remote endpoint");
+                }
+            }
+        }
+        let gone: BTreeSet<&Ipv4Addr> = have.keys().filter(|a| !want.remotes.contains_key(*a)).collect();
+        for addr in gone {
+            debug!(%addr, "remote endpoint gone");
+            self.dp.remove_remote_endpoint(*addr).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Publishes the local endpoints into the table and over the mesh.
+pub async fn announce_local(dp: &dyn Datapath, table: &EndpointTable, mesh: &MeshHandle) {
+    match dp.local_endpoints().await {
+        Ok(eps) => {
+            let records: Vec<EndpointRecord> = eps
+                .iter()
+                .flat_map(|e| e.addrs.iter().map(|a| EndpointRecord { addr: *a, mac: e.mac }))
+                .collect();
+            if let Some(delta) = table.set_local(records) {
+                let _ = mesh.gossip(CHANNEL, delta).await;
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot list local endpoints"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::{ConnStatus, PeerStatus};
+
+    fn peer(n: u64, addr: [u8; 4]) -> PeerStatus {
+        PeerStatus {
+            name: PeerName::new(n),
+            nickname: format!("p{n}"),
+            uid: 1,
+            version: 1,
+            data_addr: Some(Ipv4Addr::from(addr)),
+            paused: false,
+            connections: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn relayed_hosts_go_through_their_first_hops_address() {
+        let (a, b, c) = (PeerName::new(1), PeerName::new(2), PeerName::new(3));
+        let status = MeshStatus {
+            peers: vec![peer(1, [192, 168, 1, 1]), peer(2, [192, 168, 1, 2]), peer(3, [192, 168, 2, 3])],
+            connections: vec![ConnStatus {
+                addr: "192.168.1.2:6783".into(),
+                state: ConnState::Established,
+                outbound: true,
+                peer: Some(b),
+                nickname: None,
+                encrypted: false,
+                info: String::new(),
+            }],
+            routes: BTreeMap::from([(b, b), (c, b)]),
+            ..Default::default()
+        };
+        let ep = |x: u8| EndpointRecord { addr: Ipv4Addr::new(10, 32, 0, x), mac: [0, 0, 0, 0, 0, x] };
+        let table = BTreeMap::from([(b, vec![ep(2)]), (c, vec![ep(3)]), (a, vec![ep(1)])]);
+        let d = desired(a, &status, &table, &BTreeMap::new());
+        assert_eq!(d.hosts[&Ipv4Addr::new(192, 168, 1, 2)], Ipv4Addr::new(192, 168, 1, 2));
+        assert_eq!(d.hosts[&Ipv4Addr::new(192, 168, 2, 3)], Ipv4Addr::new(192, 168, 1, 2), "C through B");
+        assert_eq!(d.remotes[&Ipv4Addr::new(10, 32, 0, 3)].host, Ipv4Addr::new(192, 168, 2, 3));
+        assert!(!d.remotes.contains_key(&Ipv4Addr::new(10, 32, 0, 1)), "our own are local");
+
+        // C stops on purpose and is no longer reachable: its route stays as it was.
+        let mut status = status;
+        status.routes.remove(&c);
+        status.held = vec![c];
+        let have = BTreeMap::from([(Ipv4Addr::new(192, 168, 2, 3), Ipv4Addr::new(192, 168, 1, 2))]);
+        let d = desired(a, &status, &table, &have);
+        assert_eq!(d.hosts[&Ipv4Addr::new(192, 168, 2, 3)], Ipv4Addr::new(192, 168, 1, 2));
+        assert!(d.remotes.contains_key(&Ipv4Addr::new(10, 32, 0, 3)), "held endpoints stay");
+        // Without a route programmed before, a held peer gets none.
+        assert!(!desired(a, &status, &table, &BTreeMap::new()).hosts.contains_key(&Ipv4Addr::new(192, 168, 2, 3)));
+    }
+}
