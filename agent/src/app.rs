@@ -151,7 +151,7 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
     config.peers = peers;
     config.conn_limit = args.conn_limit;
     config.discovery = !args.no_discovery;
-    config.heartbeat = Duration::from_secs_f64(args.heartbeat);
+    config.heartbeat = config_heartbeat(args.heartbeat);
     config.heartbeat_timeout = config.heartbeat * 5;
     config.data_addr = Some(dp.local_address());
     let channels: Vec<(String, Arc<dyn mesh::Gossiper>)> = vec![(endpoints::CHANNEL.to_string(), table.clone())];
@@ -159,7 +159,15 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
 
     endpoints::announce_local(dp.as_ref(), &table, &mesh).await;
     let shutdown = CancellationToken::new();
-    let programmer = Programmer { dp: dp.clone(), mesh: mesh.clone(), table: table.clone() };
+    // Three heartbeat timeouts for the mesh to re-form before the programmer may
+    // remove what a previous run left programmed.
+    let grace = config_heartbeat(args.heartbeat) * 15;
+    let programmer = Programmer {
+        dp: dp.clone(),
+        mesh: mesh.clone(),
+        table: table.clone(),
+        removals_after: Instant::now() + grace,
+    };
     let prog_task = tokio::spawn(programmer.run(shutdown.child_token()));
 
     let info = Arc::new(AgentInfo {
@@ -193,6 +201,10 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
         warn!("the data-path programmer did not stop in time");
     }
     Ok(())
+}
+
+fn config_heartbeat(seconds: f64) -> Duration {
+    Duration::from_secs_f64(seconds)
 }
 
 async fn wait_for_stop(shutdown: &CancellationToken) {

@@ -30,7 +30,6 @@ fn main() -> ExitCode {
             match runtime.block_on(weft::app::run(*args, cli.api)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e}");
                     eprintln!("weft: {e}");
                     ExitCode::from(e.exit_code())
                 }

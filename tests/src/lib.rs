@@ -7,6 +7,7 @@
 //! namespaces made here. Processes are entered with `nsenter --net=` (never
 //! `ip netns exec`, which remounts /sys and hides bpffs).
 
+pub mod agent;
 pub mod bench;
 
 use std::net::Ipv4Addr;

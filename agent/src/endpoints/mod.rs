@@ -86,6 +86,9 @@ pub struct Programmer {
     pub dp: Arc<dyn Datapath>,
     pub mesh: MeshHandle,
     pub table: Arc<EndpointTable>,
+    /// Until then nothing is removed: a restarted agent finds the pinned routes
+    /// of its previous run and must not drop them before its mesh re-forms.
+    pub removals_after: std::time::Instant,
 }
 
 impl Programmer {
@@ -102,8 +105,10 @@ impl Programmer {
                 _ = cancel.cancelled() => return,
                 r = status.changed() => if r.is_err() { return },
                 r = changes.changed() => if r.is_err() { return },
-                // Catch up even without changes (routes of the kernel may move).
+                // Catch up even without changes (routes of the kernel may move),
+                // and right when the start-up grace ends.
                 _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+                _ = tokio::time::sleep_until(self.removals_after.into()), if std::time::Instant::now() < self.removals_after => {}
             }
         }
     }
@@ -122,12 +127,6 @@ impl Programmer {
                 }
             }
         }
-        for host in have_hosts.keys() {
-            if !want.hosts.contains_key(host) {
-                info!(%host, "host unreachable: removing its route");
-                self.dp.remove_peer_host(*host).await?;
-            }
-        }
         let have: BTreeMap<Ipv4Addr, RemoteEndpoint> =
             self.dp.remote_endpoints().await?.into_iter().map(|r| (r.addr, r)).collect();
         for (addr, r) in &want.remotes {
@@ -136,6 +135,15 @@ impl Programmer {
                 if let Err(e) = self.dp.set_remote_endpoint(r).await {
                     warn!(%addr, error = %e, "cannot program a remote endpoint");
                 }
+            }
+        }
+        if std::time::Instant::now() < self.removals_after {
+            return Ok(());
+        }
+        for host in have_hosts.keys() {
+            if !want.hosts.contains_key(host) {
+                info!(%host, "host unreachable: removing its route");
+                self.dp.remove_peer_host(*host).await?;
             }
         }
         let gone: BTreeSet<&Ipv4Addr> = have.keys().filter(|a| !want.remotes.contains_key(*a)).collect();

@@ -45,6 +45,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long a peer whose agent stopped on purpose keeps its routes and endpoints
 /// on the other peers (its data path keeps forwarding meanwhile).
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(600);
+/// Shortest time between two prunes of the topology (each is a graph walk).
+pub const PRUNE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a stopping agent waits for its last words to leave.
 pub const STOP_DRAIN: Duration = Duration::from_secs(2);
 /// Limits on what a peer may claim in the topology (a bigger claim is refused).
@@ -319,6 +321,7 @@ pub async fn spawn(config: MeshConfig, channels: Vec<(String, Arc<dyn Gossiper>)
         next_id: 1,
         events: ev_tx,
         status: status_tx,
+        last_prune: Instant::now(),
         held_since: BTreeMap::new(),
         terminations: BTreeMap::new(),
         generation: 0,
@@ -375,6 +378,7 @@ struct Actor {
     next_id: u64,
     events: mpsc::Sender<ConnEvent>,
     status: watch::Sender<MeshStatus>,
+    last_prune: Instant,
     held_since: BTreeMap<PeerName, Instant>,
     terminations: BTreeMap<String, u64>,
     generation: u64,
@@ -813,6 +817,12 @@ impl Actor {
     }
 
     fn publish(&mut self) {
+        // Peers that became unreachable through others' updates leave soon, not
+        // only at the next tick.
+        if self.node.needs_prune() && self.last_prune.elapsed() >= PRUNE_INTERVAL {
+            self.node.prune();
+            self.last_prune = Instant::now();
+        }
         let topology = self.node.topology();
         let nick = |p: PeerName| topology.get(p).map(|e| e.nickname.clone());
         let peers: Vec<PeerStatus> = topology

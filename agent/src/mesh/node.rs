@@ -97,6 +97,8 @@ pub struct Node {
     topology: Topology,
     channels: BTreeMap<String, Arc<dyn Gossiper>>,
     routes: Option<Routes>,
+    /// The topology changed since the last prune.
+    unpruned: bool,
 }
 
 impl Node {
@@ -106,7 +108,7 @@ impl Node {
         let own = PeerEntry { name: me, nickname, uid, version, data_addr, connections: BTreeMap::new(), paused: false };
         let mut topology = Topology::new();
         topology.merge_entry(&own);
-        Node { own, topology, channels: BTreeMap::new(), routes: None }
+        Node { own, topology, channels: BTreeMap::new(), routes: None, unpruned: false }
     }
 
     /// This peer's name.
@@ -142,6 +144,13 @@ impl Node {
 
     fn changed(&mut self) {
         self.routes = None;
+        self.unpruned = true;
+    }
+
+    /// Whether the topology changed since the last [`Node::prune`] (the agent
+    /// prunes soon after changes; the simulation at ticks).
+    pub fn needs_prune(&self) -> bool {
+        self.unpruned
     }
 
     fn publish_own(&mut self, out: &mut Outbox) {
@@ -206,8 +215,9 @@ impl Node {
     /// Drops peers no longer reachable and tells the channels; returns them.
     pub fn prune(&mut self) -> Vec<PeerName> {
         let gone = self.topology.prune(self.me());
+        self.unpruned = false;
         if !gone.is_empty() {
-            self.changed();
+            self.routes = None;
             for ch in self.channels.values() {
                 ch.on_peers_gone(&gone);
             }

@@ -4,11 +4,29 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// A peer's stable name: 48 bits, written `aa:bb:cc:dd:ee:ff`.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// A peer's stable name: 48 bits, written `aa:bb:cc:dd:ee:ff`. JSON (and any
+/// human-readable format) carries that text; the wire format the number.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerName(u64);
+
+impl Serialize for PeerName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() { s.collect_str(self) } else { s.serialize_u64(self.0) }
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            s.parse().map_err(serde::de::Error::custom)
+        } else {
+            Ok(PeerName::new(u64::deserialize(d)?))
+        }
+    }
+}
 
 const NAME_MASK: u64 = 0xffff_ffff_ffff;
 
@@ -97,5 +115,10 @@ mod tests {
         assert!("zz:00:00:00:00:00".parse::<PeerName>().is_err());
         assert!("00:00:00:00:00".parse::<PeerName>().is_err());
         assert!(a.short_id() < 4096);
+        assert_eq!(serde_json::to_string(&a).unwrap(), format!("\"{a}\""));
+        assert_eq!(serde_json::from_str::<PeerName>(&format!("\"{a}\"")).unwrap(), a);
+        let wire = postcard::to_stdvec(&a).unwrap();
+        assert!(wire.len() <= 7, "compact on the wire");
+        assert_eq!(postcard::from_bytes::<PeerName>(&wire).unwrap(), a);
     }
 }

@@ -1,0 +1,223 @@
+//! Real `weft` agents in simulated hosts: launched with `weft launch` inside a
+//! host's namespace (unique name, state directory and pin directory per test),
+//! driven with the real CLI, killed by the pid we started on Drop.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::{Host, Netns, unique, wait_until};
+
+/// The `weft` binary under test: `$WEFT_BIN`, or `weft` next to the test binary.
+pub fn weft_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("WEFT_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>/weft
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("weft");
+    assert!(bin.exists(), "{} not built: run `cargo build -p weft` (cargo xtask test does)", bin.display());
+    bin
+}
+
+/// A unique peer name for a test agent (`02:..` is locally administered).
+pub fn peer_name(label: &str) -> String {
+    let h = label.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let b = h.to_be_bytes();
+    format!("02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[3], b[4], b[5], b[6], b[7])
+}
+
+/// A running (or stopped) agent.
+pub struct Agent {
+    ns: Netns,
+    pub name: String,
+    pub nickname: String,
+    pub pin_name: String,
+    state_dir: PathBuf,
+    log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Launches an agent on `host` connecting to `peers`, with `extra` flags.
+    pub fn launch(host: &Host, peers: &[Ipv4Addr], extra: &[&str]) -> Agent {
+        let id = unique("ag");
+        let mut args: Vec<String> = vec!["launch".into()];
+        args.extend(peers.iter().map(ToString::to_string));
+        let nickname = host.name.clone();
+        let name = peer_name(&id);
+        for (k, v) in [
+            ("--name", name.as_str()),
+            ("--nickname", nickname.as_str()),
+            ("--iface", host.iface.as_str()),
+            ("--pin-name", host.name.as_str()),
+            ("--heartbeat", "0.2"),
+            ("--log", "info,weft=debug"),
+        ] {
+            args.push(k.into());
+            args.push(v.into());
+        }
+        let state_dir = std::env::temp_dir().join(format!("{id}-state"));
+        args.push("--state-dir".into());
+        args.push(state_dir.display().to_string());
+        args.extend(extra.iter().map(ToString::to_string));
+        let log = std::env::temp_dir().join(format!("{id}.log"));
+        let mut agent = Agent {
+            ns: host.ns.alias(),
+            name,
+            nickname,
+            pin_name: host.name.clone(),
+            state_dir,
+            log,
+            args,
+            child: None,
+        };
+        agent.start();
+        agent
+    }
+
+    /// Starts the process (again) with the same arguments and state.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = self
+            .ns
+            .cmd(weft_bin().to_str().expect("utf-8 path"))
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn weft launch");
+        self.child = Some(child);
+        let ready = wait_until(Duration::from_secs(20), || {
+            self.exited().is_some() || self.try_cli(&["status"]).status.success()
+        });
+        assert!(ready && self.exited().is_none(), "agent did not start:\n{}", self.log());
+    }
+
+    /// The exit status, if the process ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// The namespace the agent runs in (its host's).
+    pub fn netns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Runs `weft ARGS` (the CLI) in the agent's namespace.
+    pub fn try_cli(&self, args: &[&str]) -> Output {
+        self.ns.cmd(weft_bin().to_str().expect("utf-8")).args(args).output().expect("run weft")
+    }
+
+    /// Runs `weft ARGS`, panicking on failure; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.try_cli(args);
+        assert!(
+            out.status.success(),
+            "weft {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `weft report` as JSON.
+    pub fn report(&self) -> serde_json::Value {
+        serde_json::from_str(&self.cli(&["report"])).expect("report is JSON")
+    }
+
+    /// Peer names in this agent's topology.
+    pub fn peers(&self) -> Vec<String> {
+        let r = self.report();
+        r["router"]["peers"].as_array().map_or_else(Vec::new, |ps| {
+            ps.iter().filter_map(|p| p["name"].as_str().map(str::to_string)).collect()
+        })
+    }
+
+    /// Established connections of this agent.
+    pub fn established(&self) -> usize {
+        let r = self.report();
+        r["router"]["connections"]
+            .as_array()
+            .map_or(0, |cs| cs.iter().filter(|c| c["state"] == "established").count())
+    }
+
+    /// Hosts programmed in this agent's data path: underlay address → next hop.
+    pub fn dp_hosts(&self) -> Vec<(String, String)> {
+        let r = self.report();
+        r["datapath"]["hosts"]
+            .as_object()
+            .map_or_else(Vec::new, |m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").into())).collect())
+    }
+
+    /// Remote endpoint addresses programmed in this agent's data path.
+    pub fn dp_remotes(&self) -> Vec<String> {
+        let r = self.report();
+        r["datapath"]["remote_endpoints"]
+            .as_array()
+            .map_or_else(Vec::new, |a| a.iter().filter_map(|e| e["addr"].as_str().map(str::to_string)).collect())
+    }
+
+    /// Attaches container `ns` with `addr` (a CIDR).
+    pub fn attach(&self, ns: &Netns, addr: &str) -> String {
+        self.cli(&["attach", "--netns", ns.path().to_str().expect("utf-8"), "--id", ns.name(), addr])
+    }
+
+    /// SIGKILL: the agent dies without a word.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `weft stop` and wait for the process to end.
+    pub fn stop(&mut self) {
+        self.cli(&["stop"]);
+        let mut child = self.child.take().expect("running");
+        let ended = wait_until(Duration::from_secs(10), || child.try_wait().ok().flatten().is_some());
+        if !ended {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        assert!(ended, "agent did not stop within 10 s:\n{}", self.log());
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- log of agent {} ({}) ----\n{}", self.nickname, self.name, self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Runs `weft ARGS` as a one-off command in `ns` (e.g. a launch that must fail).
+pub fn weft_in(ns: &Netns, args: &[&str]) -> Output {
+    ns.cmd(weft_bin().to_str().expect("utf-8")).args(args).output().expect("run weft")
+}
+
+/// Builds a command running the `weft` binary as an unprivileged user in `ns`.
+pub fn weft_unprivileged(ns: &Netns, args: &[&str]) -> Command {
+    let mut cmd = ns.cmd("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(weft_bin()).args(args);
+    cmd
+}
