@@ -11,6 +11,7 @@ pub mod conn;
 pub mod node;
 pub mod peer;
 pub mod sim;
+pub mod timed;
 pub mod topology;
 pub mod wire;
 
@@ -322,6 +323,7 @@ pub async fn spawn(config: MeshConfig, channels: Vec<(String, Arc<dyn Gossiper>)
         events: ev_tx,
         status: status_tx,
         last_prune: Instant::now(),
+        discovered_at: 0,
         held_since: BTreeMap::new(),
         terminations: BTreeMap::new(),
         generation: 0,
@@ -379,6 +381,8 @@ struct Actor {
     events: mpsc::Sender<ConnEvent>,
     status: watch::Sender<MeshStatus>,
     last_prune: Instant,
+    /// The generation discovery last looked at.
+    discovered_at: u64,
     held_since: BTreeMap<PeerName, Instant>,
     terminations: BTreeMap<String, u64>,
     generation: u64,
@@ -443,8 +447,25 @@ impl Actor {
                     }
                     self.command(cmd);
                 }
-                Some(ev) = events.recv() => self.event(ev),
-                _ = dial_tick.tick() => self.dial_due(),
+                Some(ev) = events.recv() => {
+                    self.event(ev);
+                    // Handle what else is ready before sending topology updates:
+                    // a burst of changes goes out as one message per neighbour.
+                    for _ in 0..256 {
+                        match events.try_recv() {
+                            Ok(ev) => self.event(ev),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = dial_tick.tick() => {
+                    // New peers of peers are dialed as soon as they are known.
+                    if self.discovered_at != self.generation {
+                        self.discovered_at = self.generation;
+                        self.discover();
+                    }
+                    self.dial_due();
+                }
                 _ = gossip_tick.tick() => {
                     let mut out = Outbox::default();
                     self.node.tick(&mut self.rng, &mut out);
@@ -453,6 +474,7 @@ impl Actor {
                     self.expire_held();
                 }
             }
+            self.flush_topology();
             self.publish();
         }
         for (_, c) in std::mem::take(&mut self.conns) {
@@ -514,10 +536,8 @@ impl Actor {
                 let _ = reply.send(r);
             }
             Command::SetDataAddr(addr) => {
-                let mut out = Outbox::default();
-                self.node.set_data_addr(addr, &mut out);
+                self.node.set_data_addr(addr);
                 self.settings.hello.data_addr = addr;
-                self.flush(out);
             }
             Command::Topology(reply) => {
                 let _ = reply.send(self.node.topology().clone());
@@ -528,9 +548,8 @@ impl Actor {
 
     /// Pauses, lets every connection write what is queued, then returns.
     async fn stop(&mut self) {
-        let mut out = Outbox::default();
-        self.node.pause(&mut out);
-        self.flush(out);
+        self.node.pause();
+        self.flush_topology();
         let conns = std::mem::take(&mut self.conns);
         let mut waits = Vec::new();
         for (_, mut c) in conns {
@@ -586,10 +605,16 @@ impl Actor {
     }
 
     fn receive(&mut self, peer: PeerName, g: Gossip) -> Result<(), String> {
-        if let Gossip::Topology(entries) = &g {
-            if entries.len() > MAX_PEERS || entries.iter().any(|e| e.connections.len() > MAX_CONNECTIONS_PER_PEER) {
-                return Err("topology update larger than any real mesh".into());
+        let too_big = match &g {
+            Gossip::Topology(entries) => {
+                entries.len() > MAX_PEERS || entries.iter().any(|e| e.connections.len() > MAX_CONNECTIONS_PER_PEER)
             }
+            Gossip::Have(v) | Gossip::Digest { versions: v, .. } => v.len() > MAX_PEERS,
+            Gossip::Want(v) => v.len() > MAX_PEERS,
+            _ => false,
+        };
+        if too_big {
+            return Err("topology update larger than any real mesh".into());
         }
         let mut out = Outbox::default();
         let result = self.node.receive(peer, g, &mut out);
@@ -714,8 +739,15 @@ impl Actor {
         }
         // The peer may still be connected over another connection (a swap).
         if self.conn_for(c.peer).is_none() {
+            self.node.connection_down(c.peer);
+        }
+    }
+
+    /// Sends the topology entries the node owes its neighbours.
+    fn flush_topology(&mut self) {
+        if self.node.has_pending() {
             let mut out = Outbox::default();
-            self.node.connection_down(c.peer, &mut out);
+            self.node.flush(&mut out);
             self.flush(out);
         }
     }

@@ -11,7 +11,7 @@
 //! channel's full state. Unicast messages follow shortest paths; broadcasts follow
 //! the origin's breadth-first tree.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -27,8 +27,14 @@ pub const ANTI_ENTROPY_FANOUT: usize = 3;
 /// A message between neighbours (the payload of a data frame).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Gossip {
-    /// Topology entries that were new to the sender.
+    /// Topology entries (answering a `Want` or a `Digest`).
     Topology(Vec<PeerEntry>),
+    /// "I have these `(peer, version, uid)`": the receiver asks (`Want`) for the
+    /// ones newer than its own. Changes spread this way, so each peer downloads
+    /// a changed entry once, however many neighbours announce it.
+    Have(Vec<(PeerName, u64, u64)>),
+    /// "Send me these peers' entries."
+    Want(Vec<PeerName>),
     /// Anti-entropy: the sender's `(peer, version, uid)`s. The receiver sends back
     /// the entries the sender lacks and, if `reply` and the sender has newer
     /// ones, its own digest (with `reply` false) to get them.
@@ -99,6 +105,9 @@ pub struct Node {
     routes: Option<Routes>,
     /// The topology changed since the last prune.
     unpruned: bool,
+    /// Topology entries to announce to each neighbour at the next
+    /// [`Node::flush`]: changes that come in bursts cost one message.
+    pending: BTreeMap<PeerName, BTreeSet<PeerName>>,
 }
 
 impl Node {
@@ -108,7 +117,7 @@ impl Node {
         let own = PeerEntry { name: me, nickname, uid, version, data_addr, connections: BTreeMap::new(), paused: false };
         let mut topology = Topology::new();
         topology.merge_entry(&own);
-        Node { own, topology, channels: BTreeMap::new(), routes: None, unpruned: false }
+        Node { own, topology, channels: BTreeMap::new(), routes: None, unpruned: false, pending: BTreeMap::new() }
     }
 
     /// This peer's name.
@@ -153,47 +162,69 @@ impl Node {
         self.unpruned
     }
 
-    fn publish_own(&mut self, out: &mut Outbox) {
+    fn publish_own(&mut self) {
         self.own.version += 1;
         self.topology.merge_entry(&self.own);
         self.changed();
+        let me = self.me();
         for n in self.neighbours() {
-            out.send(n, Gossip::Topology(vec![self.own.clone()]));
+            self.pending.entry(n).or_default().insert(me);
         }
+    }
+
+    /// Announces the changed entries to each neighbour (latest versions).
+    pub fn flush(&mut self, out: &mut Outbox) {
+        for (n, names) in std::mem::take(&mut self.pending) {
+            if !self.own.connections.contains_key(&n) {
+                continue;
+            }
+            let have: Vec<(PeerName, u64, u64)> =
+                names.iter().filter_map(|p| self.topology.get(*p)).map(|e| (e.name, e.version, e.uid)).collect();
+            if !have.is_empty() {
+                out.send(n, Gossip::Have(have));
+            }
+        }
+    }
+
+    /// Whether entries are waiting for [`Node::flush`].
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     /// A connection to `peer` is established (both sides authenticated).
     pub fn connection_up(&mut self, peer: PeerName, addr: SocketAddr, outbound: bool, out: &mut Outbox) {
         self.own.connections.insert(peer, ConnEntry { addr, outbound });
-        self.publish_own(out);
+        self.publish_own();
         // A new neighbour gets everything we know.
-        out.send(peer, Gossip::Topology(self.topology.entries().cloned().collect()));
+        let all: BTreeSet<PeerName> = self.topology.entries().map(|e| e.name).collect();
+        self.pending.entry(peer).or_default().extend(all);
         for (name, ch) in &self.channels {
             out.send(peer, Gossip::Channel { channel: name.clone(), payload: ch.full_state() });
         }
     }
 
     /// The connection to `peer` is gone.
-    pub fn connection_down(&mut self, peer: PeerName, out: &mut Outbox) {
+    pub fn connection_down(&mut self, peer: PeerName) {
+        self.pending.remove(&peer);
         if self.own.connections.remove(&peer).is_some() {
-            self.publish_own(out);
+            self.publish_own();
             self.prune();
         }
     }
 
     /// Updates this peer's data-plane address.
-    pub fn set_data_addr(&mut self, addr: Option<Ipv4Addr>, out: &mut Outbox) {
+    pub fn set_data_addr(&mut self, addr: Option<Ipv4Addr>) {
         if self.own.data_addr != addr {
             self.own.data_addr = addr;
-            self.publish_own(out);
+            self.publish_own();
         }
     }
 
     /// Announces that this peer's agent is stopping on purpose while its data
     /// path keeps forwarding (see [`PeerEntry::paused`]).
-    pub fn pause(&mut self, out: &mut Outbox) {
+    pub fn pause(&mut self) {
         self.own.paused = true;
-        self.publish_own(out);
+        self.publish_own();
     }
 
     /// Peers that are paused and unreachable: held, not dropped.
@@ -243,9 +274,29 @@ impl Node {
                     self.changed();
                     for n in self.neighbours() {
                         if n != from {
-                            out.send(n, Gossip::Topology(new.clone()));
+                            self.pending.entry(n).or_default().extend(new.iter().map(|e| e.name));
                         }
                     }
+                }
+                Ok(())
+            }
+            Gossip::Have(versions) => {
+                let want: Vec<PeerName> = versions
+                    .into_iter()
+                    .filter(|(p, v, u)| {
+                        *p != self.me() && self.topology.get(*p).is_none_or(|e| (e.version, e.uid) < (*v, *u))
+                    })
+                    .map(|(p, _, _)| p)
+                    .collect();
+                if !want.is_empty() {
+                    out.send(from, Gossip::Want(want));
+                }
+                Ok(())
+            }
+            Gossip::Want(names) => {
+                let entries: Vec<PeerEntry> = names.iter().filter_map(|p| self.topology.get(*p)).cloned().collect();
+                if !entries.is_empty() {
+                    out.send(from, Gossip::Topology(entries));
                 }
                 Ok(())
             }

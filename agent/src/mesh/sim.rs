@@ -78,6 +78,29 @@ impl Sim {
         SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 6783))
     }
 
+    /// The index of peer `name`.
+    pub fn index_of(&self, name: PeerName) -> usize {
+        self.index[&name]
+    }
+
+    /// Whether `a` and `b` are connected.
+    pub fn linked(&self, a: usize, b: usize) -> bool {
+        self.links.contains(&key(a, b))
+    }
+
+    /// Establishes a connection and returns both ends' outboxes, unflushed (for
+    /// the timed simulation); `None` if they were connected already.
+    pub fn connect_raw(&mut self, a: usize, b: usize) -> Option<(Outbox, Outbox)> {
+        if a == b || !self.links.insert(key(a, b)) {
+            return None;
+        }
+        let (mut oa, mut ob) = (Outbox::default(), Outbox::default());
+        let (na, nb) = (self.names[a], self.names[b]);
+        self.nodes[a].connection_up(nb, Self::addr(b), true, &mut oa);
+        self.nodes[b].connection_up(na, Self::addr(a), false, &mut ob);
+        Some((oa, ob))
+    }
+
     /// Establishes a connection between `a` and `b`.
     pub fn connect(&mut self, a: usize, b: usize) {
         if a == b || !self.links.insert(key(a, b)) {
@@ -86,8 +109,10 @@ impl Sim {
         let mut out = Outbox::default();
         let (na, nb) = (self.names[a], self.names[b]);
         self.nodes[a].connection_up(nb, Self::addr(b), true, &mut out);
+        self.nodes[a].flush(&mut out);
         self.enqueue(a, &mut out);
         self.nodes[b].connection_up(na, Self::addr(a), false, &mut out);
+        self.nodes[b].flush(&mut out);
         self.enqueue(b, &mut out);
     }
 
@@ -99,9 +124,11 @@ impl Sim {
         self.queue.retain(|(f, t, _)| key(*f, *t) != key(a, b));
         let mut out = Outbox::default();
         let (na, nb) = (self.names[a], self.names[b]);
-        self.nodes[a].connection_down(nb, &mut out);
+        self.nodes[a].connection_down(nb);
+        self.nodes[a].flush(&mut out);
         self.enqueue(a, &mut out);
-        self.nodes[b].connection_down(na, &mut out);
+        self.nodes[b].connection_down(na);
+        self.nodes[b].flush(&mut out);
         self.enqueue(b, &mut out);
     }
 
@@ -124,6 +151,7 @@ impl Sim {
         if let Err(e) = self.nodes[to].receive(self.names[from], msg, &mut out) {
             assert!(matches!(e, GossipError::NoRoute(_)), "node {to} refused a message: {e}");
         }
+        self.nodes[to].flush(&mut out);
         self.enqueue(to, &mut out);
         true
     }
@@ -143,6 +171,7 @@ impl Sim {
             let mut out = Outbox::default();
             let mut rng = StdRng::seed_from_u64(self.rng.random());
             self.nodes[i].tick(&mut rng, &mut out);
+            self.nodes[i].flush(&mut out);
             self.enqueue(i, &mut out);
         }
         self.run(u64::MAX);

@@ -14,8 +14,9 @@ fn main() {
             env_u32("WEFT_BENCH_ROUNDS", 5),
             env_u32("WEFT_BENCH_SECONDS", 3),
         ),
+        "mesh" => weft_tests::bench::mesh::run_bench(),
         other => {
-            eprintln!("unknown benchmark {other:?}; known: datapath");
+            eprintln!("unknown benchmark {other:?}; known: datapath, mesh");
             std::process::exit(64);
         }
     }
