@@ -2,14 +2,26 @@
 /*
  * Endpoint program: TC ingress (TCX) of the host-side veth of every endpoint, i.e.
  * every packet a container sends. ARP is answered here; IPv4 goes straight into a
- * local endpoint's netns or out to the endpoint's host; anything else is dropped.
+ * local endpoint's netns or out to the endpoint's host; multicast and broadcast
+ * are replicated (lib/bcast.h); anything else is dropped.
  */
 #include "lib/common.h"
 #include "lib/arp.h"
+#include "lib/bcast.h"
 
-__weft_inline int is_multicast_or_broadcast(__be32 addr)
+/* Multicast or broadcast from a local endpoint: to the other local endpoints
+ * and down this host's broadcast tree. */
+__weft_inline int endpoint_bcast(struct __sk_buff *skb, struct weft_fwd *fwd)
 {
-	return (bpf_ntohl(addr) & 0xf0000000) == 0xe0000000 || addr == 0xffffffff;
+	const struct weft_config *cfg = weft_config();
+	const struct weft_ip4 self = {};
+
+	if (!cfg)
+		return DROP_MULTICAST;
+	bcast_local(skb, skb->ifindex);
+	bcast_remote(skb, cfg, &self, WEFT_BCAST_TTL);
+	fwd->counter = WEFT_CNT_BCAST;
+	return WEFT_CONSUMED;
 }
 
 __weft_inline int endpoint_ipv4(struct __sk_buff *skb, struct weft_fwd *fwd)
@@ -22,7 +34,7 @@ __weft_inline int endpoint_ipv4(struct __sk_buff *skb, struct weft_fwd *fwd)
 	if ((void *)(ip + 1) > data_end || ip->ihl < 5)
 		return DROP_MALFORMED;
 	if (is_multicast_or_broadcast(ip->daddr))
-		return DROP_MULTICAST;
+		return endpoint_bcast(skb, fwd);
 	ep = lookup_endpoint(ip->daddr);
 	if (!ep)
 		return DROP_UNKNOWN_DST;

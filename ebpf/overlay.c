@@ -6,6 +6,24 @@
  * partial mesh.
  */
 #include "lib/common.h"
+#include "lib/bcast.h"
+
+/* Multicast from another host: to every local endpoint, then on down the
+ * origin's tree (the origin is the host of the inner source address). */
+__weft_inline int overlay_bcast(struct __sk_buff *skb, const struct weft_config *cfg,
+				const struct bpf_tunnel_key *key, __be32 src, struct weft_fwd *fwd)
+{
+	const struct weft_endpoint *sender = lookup_endpoint(src);
+	struct weft_ip4 origin;
+
+	bcast_local(skb, 0);
+	if (sender && !(sender->flags & WEFT_EP_LOCAL) && key->tunnel_ttl > 1) {
+		origin = sender->host;
+		bcast_remote(skb, cfg, &origin, key->tunnel_ttl - 1);
+	}
+	fwd->counter = WEFT_CNT_BCAST;
+	return WEFT_CONSUMED;
+}
 
 __weft_inline int overlay_handle(struct __sk_buff *skb, struct weft_fwd *fwd)
 {
@@ -25,6 +43,14 @@ __weft_inline int overlay_handle(struct __sk_buff *skb, struct weft_fwd *fwd)
 		return DROP_MALFORMED;
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return DROP_UNSUPPORTED;
+	{
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end)
+			return DROP_MALFORMED;
+		if (is_multicast_or_broadcast(ip->daddr))
+			return overlay_bcast(skb, cfg, &key, ip->saddr, fwd);
+	}
 	return from_overlay_ipv4(skb, fwd);
 }
 

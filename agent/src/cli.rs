@@ -160,4 +160,8 @@ pub struct AttachArgs {
     /// Interface name inside the container.
     #[arg(long, default_value = crate::datapath::DEFAULT_ENDPOINT_IFNAME)]
     pub ifname: String,
+
+    /// Do not route multicast (224.0.0.0/4) through the interface.
+    #[arg(long)]
+    pub no_multicast_route: bool,
 }

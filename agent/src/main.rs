@@ -83,7 +83,13 @@ async fn run_client(api: std::net::SocketAddr, command: Command) -> Result<Strin
         },
         Command::Report => get("/report").await.map(|s| pretty_json(&s)),
         Command::Attach(a) => {
-            let req = AttachRequest { netns: a.netns, id: a.id, addrs: a.addrs, ifname: Some(a.ifname) };
+            let req = AttachRequest {
+                netns: a.netns,
+                id: a.id,
+                addrs: a.addrs,
+                ifname: Some(a.ifname),
+                no_multicast_route: a.no_multicast_route,
+            };
             client::request(api, Method::POST, "/attach", Some(client::json(&req))).await
         }
         Command::Detach { id } => {

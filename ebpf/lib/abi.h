@@ -11,7 +11,16 @@
 
 #include <linux/types.h>
 
-#define WEFT_ABI_VERSION 1
+#define WEFT_ABI_VERSION 2
+
+/* Map sizes: the agent refuses to attach more than these. */
+#define WEFT_MAX_ENDPOINTS 65536
+#define WEFT_MAX_PEERS 4096
+#define WEFT_MAX_UNDERLAY_IPS 64
+#define WEFT_MAX_LOCAL 256        /* local endpoints that receive multicast */
+#define WEFT_MAX_BCAST_FANOUT 31  /* children per broadcast tree node */
+#define WEFT_BCAST_TTL 16         /* hops a multicast may take: ends transient loops */
+
 
 /* An IPv4 address as `bpftool map dump` shows it: four octets in wire order.
  * The programs read and write it as one __be32 (ip4_get/ip4_set in common.h). */
@@ -56,6 +65,22 @@ struct weft_config {
 };
 _Static_assert(sizeof(struct weft_config) == 24, "weft_config ABI");
 
+/* LOCAL_EPS value: a local endpoint multicast and broadcast are copied to
+ * (ifindex 0 = free slot). */
+struct weft_local {
+	__u32 ifindex; /* host-side veth */
+	__u32 flags;   /* WEFT_EP_* */
+};
+_Static_assert(sizeof(struct weft_local) == 8, "weft_local ABI");
+
+/* BCAST value, keyed by the broadcast's origin host (0.0.0.0 = this host): the
+ * hosts (PEERS keys) a multicast or broadcast packet from that origin is passed
+ * on to, i.e. this host's children in the origin's broadcast tree. */
+struct weft_bcast {
+	__u32 count;
+	struct weft_ip4 hosts[WEFT_MAX_BCAST_FANOUT];
+};
+
 /* COUNTERS value (per CPU). */
 struct weft_counter {
 	__u64 packets; /* wire packets: a GSO skb counts as its segments */
@@ -70,14 +95,10 @@ _Static_assert(sizeof(struct weft_counter) == 16, "weft_counter ABI");
 #define WEFT_CNT_DECAP 3       /* remote host -> endpoint on this host */
 #define WEFT_CNT_RELAY 4       /* remote host -> another remote host (partial mesh) */
 #define WEFT_CNT_PASS 5        /* handed to the host's stack (not ours, or the VXLAN fallback) */
+#define WEFT_CNT_BCAST 6       /* multicast/broadcast replicated (counted once per packet) */
 #define WEFT_CNT_PATHS 16
 /* Drops are counted at WEFT_CNT_DROP_BASE + (-reason), reasons in drop_reasons.h. */
 #define WEFT_CNT_DROP_BASE 16
 #define WEFT_CNT_MAX 48
-
-/* Map sizes: the agent refuses to attach more than these. */
-#define WEFT_MAX_ENDPOINTS 65536
-#define WEFT_MAX_PEERS 4096
-#define WEFT_MAX_UNDERLAY_IPS 64
 
 #endif

@@ -36,6 +36,8 @@
 
 /* Handler verdict: not overlay traffic; let the next TCX program (or the stack) have it. */
 #define WEFT_NEXT 0x1000
+/* Handler verdict: copies went out (multicast); the original is done with. */
+#define WEFT_CONSUMED 0x1001
 
 struct weft_fwd {
 	__u32 how;     /* FWD_* */
@@ -92,6 +94,10 @@ __weft_inline int weft_finish(int ret, const struct weft_fwd *fwd, __u32 segs, _
 	}
 	if (ret == WEFT_NEXT)
 		return TC_ACT_UNSPEC; /* == TCX_NEXT */
+	if (ret == WEFT_CONSUMED) {
+		count(fwd->counter, segs, len);
+		return TC_ACT_SHOT;
+	}
 	if (ret == TC_ACT_OK) {
 		count(WEFT_CNT_PASS, segs, len);
 		return TC_ACT_OK;

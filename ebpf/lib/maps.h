@@ -40,6 +40,24 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } UNDERLAY_IPS SEC(".maps");
 
+/* Local endpoints that get a copy of multicast and broadcast packets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, WEFT_MAX_LOCAL);
+	__type(key, __u32);
+	__type(value, struct weft_local);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} LOCAL_EPS SEC(".maps");
+
+/* Broadcast trees: per origin host, the hosts to pass its multicast on to. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEFT_MAX_PEERS + 1);
+	__type(key, struct weft_ip4);
+	__type(value, struct weft_bcast);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} BCAST SEC(".maps");
+
 /* One entry: this host's settings. An array lookup with a constant key is inlined
  * by the verifier into a plain load, so reading it per packet costs nothing, and
  * unlike load-time globals a restarted agent can read it back to adopt the pins. */

@@ -481,13 +481,18 @@ fn other_drops_are_counted_by_reason() {
             p
         }),
         ("unsupported_protocol", eth(mac_for(LOCAL_2), MAC_A, 0x86dd).into_iter().chain([0u8; 40]).collect()),
-        ("multicast", frame(LOCAL_1, Ipv4Addr::new(224, 0, 0, 251), 64)),
     ];
     for (reason, packet) in cases {
         let (verdict, _) = run_prog(&bpf.endpoint, &packet);
         assert_eq!(verdict, TC_ACT_SHOT, "{reason}");
         assert_eq!(bpf.stats().dropped(reason), 1, "{reason} counted");
     }
+    // Multicast is replicated, not dropped: with no tree and no other endpoint
+    // registered there is nothing to copy to, and the packet counts as handled.
+    let (verdict, _) = run_prog(&bpf.endpoint, &frame(LOCAL_1, Ipv4Addr::new(224, 0, 0, 251), 64));
+    assert_eq!(verdict, TC_ACT_SHOT, "the original is consumed");
+    assert_eq!(bpf.stats().path("bcast"), 1);
+    assert_eq!(bpf.stats().dropped("multicast_unsupported"), 0);
     // A host with no route: the endpoint is known, its host is not a peer.
     let mut peers: HashMap<MapData, Ip4, Peer> = HashMap::try_from(bpf.map("PEERS")).unwrap();
     peers.remove(&Ip4::from(HOST_B)).unwrap();

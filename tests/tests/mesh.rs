@@ -400,3 +400,89 @@ fn bad_launch_settings_fail_with_one_clear_line_and_leave_nothing_behind() {
     assert!(!host.pin_dir().exists());
     let _ = std::fs::remove_dir_all(state);
 }
+
+/// Joins `group` in `ns` and counts datagrams carrying `tag` for `window`.
+fn multicast_receiver(ns: &Netns, group: Ipv4Addr, local: Ipv4Addr, tag: &'static str) -> std::thread::JoinHandle<usize> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = on_thread_in(ns, move || {
+        let sock = std::net::UdpSocket::bind(("0.0.0.0", 7777)).expect("bind");
+        sock.join_multicast_v4(&group, &local).expect("join");
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        ready_tx.send(()).unwrap();
+        let (mut n, deadline) = (0, std::time::Instant::now() + Duration::from_secs(4));
+        let mut buf = [0u8; 1500];
+        while std::time::Instant::now() < deadline {
+            if let Ok(len) = sock.recv(&mut buf) {
+                if &buf[..len] == tag.as_bytes() {
+                    n += 1;
+                }
+            }
+        }
+        n
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).expect("receiver ready");
+    handle
+}
+
+fn multicast_send(ns: &Netns, group: Ipv4Addr, tag: &'static str, count: usize) {
+    on_thread_in(ns, move || {
+        let sock = std::net::UdpSocket::bind(("0.0.0.0", 0)).expect("bind");
+        for _ in 0..count {
+            sock.send_to(tag.as_bytes(), (group, 7777)).expect("send (needs the 224.0.0.0/4 route)");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn multicast_reaches_every_member_once_on_every_host() {
+    if !root_or_skip("multicast") {
+        return;
+    }
+    let (_u, _hosts, agents, containers) = lan(3, &[]);
+    wait_full_mesh(&agents);
+    // A second container on the sender's host: same-host copies too.
+    let neighbour = Netns::new("kn");
+    agents[0].attach(&neighbour, "10.32.0.2/12");
+    assert!(wait_until(Duration::from_secs(10), || agents[1].dp_remotes().contains(&"10.32.0.2".to_string())));
+    std::thread::sleep(Duration::from_millis(500));
+    let group = Ipv4Addr::new(239, 1, 2, 3);
+    let receivers: Vec<_> = [(&containers[1], overlay_ip(1)), (&containers[2], overlay_ip(2)), (&neighbour, Ipv4Addr::new(10, 32, 0, 2))]
+        .iter()
+        .map(|(ns, ip)| multicast_receiver(ns, group, *ip, "weft-mcast"))
+        .collect();
+    multicast_send(&containers[0], group, "weft-mcast", 5);
+    let got: Vec<usize> = receivers.into_iter().map(|r| r.join().unwrap()).collect();
+    assert_eq!(got, vec![5, 5, 5], "each member gets each datagram exactly once (remote, remote, same host)");
+    let sent = agents[0].report()["datapath"]["stats"]["paths"]["bcast"]["packets"].as_u64().unwrap_or(0);
+    assert!(sent >= 5, "replicated by the sender's data path");
+}
+
+#[test]
+fn multicast_follows_the_broadcast_tree_through_a_relay() {
+    if !root_or_skip("multicast_line") {
+        return;
+    }
+    let mut underlay = Underlay::new();
+    let mut a = underlay.isolated_host("ma");
+    let mut b = underlay.isolated_host("mb");
+    let mut c = underlay.isolated_host("mc");
+    let (_, b_for_a) = underlay.link(&mut a, &mut b);
+    let (b_for_c, _) = underlay.link(&mut b, &mut c);
+    let agent_b = Agent::launch(&b, &[], &[]);
+    let agent_a = Agent::launch(&a, &[b_for_a], &[]);
+    let agent_c = Agent::launch(&c, &[b_for_c], &[]);
+    let (ka, kb, kc) = (Netns::new("ka"), Netns::new("kb"), Netns::new("kc"));
+    agent_a.attach(&ka, &overlay_addr(0));
+    agent_b.attach(&kb, &overlay_addr(1));
+    agent_c.attach(&kc, &overlay_addr(2));
+    assert!(wait_until(Duration::from_secs(30), || agent_a.dp_remotes().len() == 2 && agent_c.dp_remotes().len() == 2));
+    std::thread::sleep(Duration::from_millis(500));
+    let group = Ipv4Addr::new(239, 9, 9, 9);
+    let rb = multicast_receiver(&kb, group, overlay_ip(1), "tree");
+    let rc = multicast_receiver(&kc, group, overlay_ip(2), "tree");
+    multicast_send(&ka, group, "tree", 4);
+    assert_eq!((rb.join().unwrap(), rc.join().unwrap()), (4, 4), "B gets it, and passes it on to C, once each");
+}

@@ -157,6 +157,9 @@ fn prepare(what: &str) -> Result<()> {
 
 fn test(filters: &[String]) -> Result<()> {
     prepare("cargo xtask test")?;
+    // The integration tests run the agent binary; cargo builds a package's
+    // binaries only for that package's own tests, so build it explicitly.
+    run(cargo().args(["build", "-p", "weft", "--bin", "weft"]))?;
     if has_nextest() {
         // Every test in its own process: namespaces entered by one cannot leak
         // into another, and a crash takes one test down, not the run.

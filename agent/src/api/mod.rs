@@ -234,7 +234,13 @@ pub struct AttachRequest {
     pub id: Option<String>,
     pub addrs: Vec<Ipv4Net>,
     pub ifname: Option<String>,
+    /// Skip the route for multicast (224.0.0.0/4) through the interface.
+    #[serde(default)]
+    pub no_multicast_route: bool,
 }
+
+/// The multicast range, routed through `ethwe` by default (as Weave did).
+pub const MULTICAST: &str = "224.0.0.0/4";
 
 /// `POST /detach`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -255,6 +261,9 @@ async fn attach(State(ctx): State<Ctx>, Json(req): Json<AttachRequest>) -> Resul
     let mut ep = LocalEndpoint::new(id, path, req.addrs.clone());
     if let Some(ifname) = req.ifname {
         ep.ifname = ifname;
+    }
+    if !req.no_multicast_route {
+        ep.routes.push(MULTICAST.parse().expect("valid CIDR"));
     }
     let attached = ctx.dp.attach_endpoint(&ep).await.map_err(|e| bad_request(e.to_string()))?;
     endpoints::announce_local(ctx.dp.as_ref(), &ctx.table, &ctx.mesh).await;

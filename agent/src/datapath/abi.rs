@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 
 /// `WEFT_ABI_VERSION`: pins created by another ABI are replaced, never adopted.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// `WEFT_EP_LOCAL`: the endpoint lives on this host.
 pub const EP_LOCAL: u16 = 0x1;
@@ -19,6 +19,10 @@ pub const MAX_ENDPOINTS: u32 = 65536;
 pub const MAX_PEERS: u32 = 4096;
 /// `WEFT_MAX_UNDERLAY_IPS`.
 pub const MAX_UNDERLAY_IPS: u32 = 64;
+/// `WEFT_MAX_LOCAL`: local endpoints that receive multicast.
+pub const MAX_LOCAL: u32 = 256;
+/// `WEFT_MAX_BCAST_FANOUT`: children per broadcast tree node.
+pub const MAX_BCAST_FANOUT: usize = 31;
 
 /// `struct weft_ip4`: an IPv4 address, octets in wire order.
 #[repr(C)]
@@ -76,6 +80,22 @@ pub struct Config {
     pub _pad: u32,
 }
 
+/// `struct weft_local` (LOCAL_EPS value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Local {
+    pub ifindex: u32,
+    pub flags: u32,
+}
+
+/// `struct weft_bcast` (BCAST value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bcast {
+    pub count: u32,
+    pub hosts: [Ip4; MAX_BCAST_FANOUT],
+}
+
 /// `struct weft_counter` (COUNTERS value, per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -89,6 +109,8 @@ const _: () = assert!(size_of::<Endpoint>() == 16);
 const _: () = assert!(size_of::<Peer>() == 16);
 const _: () = assert!(size_of::<Config>() == 24);
 const _: () = assert!(size_of::<Counter>() == 16);
+const _: () = assert!(size_of::<Local>() == 8);
+const _: () = assert!(size_of::<Bcast>() == 4 + 4 * MAX_BCAST_FANOUT);
 
 // SAFETY: #[repr(C)], only integer fields, no padding (sizes asserted above).
 unsafe impl aya::Pod for Ip4 {}
@@ -100,6 +122,10 @@ unsafe impl aya::Pod for Peer {}
 unsafe impl aya::Pod for Config {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Counter {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Local {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Bcast {}
 
 /// COUNTERS indexes of the paths (`WEFT_CNT_*`), with the names the agent shows.
 pub const PATHS: &[(u32, &str)] = &[
@@ -109,6 +135,7 @@ pub const PATHS: &[(u32, &str)] = &[
     (3, "decap"),
     (4, "relay"),
     (5, "pass"),
+    (6, "bcast"),
 ];
 
 /// `WEFT_CNT_DROP_BASE`: drop reason `r` (negative) is counted at `DROP_BASE - r`.
@@ -128,7 +155,7 @@ pub const DROP_REASONS: &[(u32, &str)] = &[
     (8, "no_tunnel_metadata"),
     (9, "ttl_exceeded"),
     (10, "encap_failed"),
-    (11, "multicast"),
+    (11, "multicast_unsupported"),
 ];
 
 /// The name of drop reason `code` (positive).

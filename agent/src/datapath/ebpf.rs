@@ -25,7 +25,7 @@ use aya::EbpfLoader;
 use ipnet::Ipv4Net;
 use tracing::{debug, info, warn};
 
-use super::abi::{self, Config, Counter, Endpoint, Ip4, Peer};
+use super::abi::{self, Bcast, Config, Counter, Endpoint, Ip4, Local, Peer};
 use super::netlink::{Link, Netlink};
 use super::netns::{Netns, in_netns};
 use super::{
@@ -131,6 +131,8 @@ struct Maps {
     endpoints: HashMap<MapData, Ip4, Endpoint>,
     peers: HashMap<MapData, Ip4, Peer>,
     underlay_ips: HashMap<MapData, Ip4, u32>,
+    local_eps: Array<MapData, Local>,
+    bcast: HashMap<MapData, Ip4, Bcast>,
     counters: PerCpuArray<MapData, Counter>,
 }
 
@@ -337,6 +339,22 @@ impl EbpfDatapath {
         for key in stale {
             let _ = maps.endpoints.remove(&key);
         }
+        // The multicast list is rebuilt from the endpoints that exist.
+        let wanted: Vec<Local> = ours
+            .iter()
+            .map(|l| {
+                let host_ns = maps
+                    .endpoints
+                    .iter()
+                    .filter_map(Result::ok)
+                    .any(|(_, e)| e.ifindex == l.index && e.flags & abi::EP_HOST_NS != 0);
+                Local { ifindex: l.index, flags: if host_ns { u32::from(abi::EP_HOST_NS) } else { 0 } }
+            })
+            .collect();
+        for slot in 0..abi::MAX_LOCAL {
+            let value = wanted.get(slot as usize).copied().unwrap_or_default();
+            maps.local_eps.set(slot, value, 0).map_err(|e| aya_err("update LOCAL_EPS", e))?;
+        }
         let peers: Vec<(Ip4, Peer)> = maps.peers.iter().filter_map(Result::ok).collect();
         drop(maps);
         // Routes or the mode may have changed while no agent ran.
@@ -423,6 +441,13 @@ impl EbpfDatapath {
                 let value = Endpoint { ifindex: link.index, host: Ip4::default(), mac, flags };
                 maps.endpoints.insert(key, value, 0).map_err(|e| aya_err("update ENDPOINTS", e))?;
             }
+            let free = (0..abi::MAX_LOCAL).find(|slot| maps.local_eps.get(slot, 0).is_ok_and(|l| l.ifindex == 0));
+            let slot = free.ok_or_else(|| DatapathError::Endpoint {
+                id: ep.id.clone(),
+                reason: format!("this host already has {} endpoints, the most weft supports", abi::MAX_LOCAL),
+            })?;
+            let local = Local { ifindex: link.index, flags: u32::from(flags & abi::EP_HOST_NS) };
+            maps.local_eps.set(slot, local, 0).map_err(|e| aya_err("update LOCAL_EPS", e))?;
         }
         let (ifname, addrs, routes) = (ep.ifname.clone(), ep.addrs.clone(), ep.routes.clone());
         in_netns(&ep.netns, move || async move {
@@ -460,6 +485,11 @@ impl EbpfDatapath {
             .collect();
         for key in keys {
             maps.endpoints.remove(&key).map_err(|e| aya_err("update ENDPOINTS", e))?;
+        }
+        for slot in 0..abi::MAX_LOCAL {
+            if maps.local_eps.get(&slot, 0).is_ok_and(|l| l.ifindex == ifindex) {
+                maps.local_eps.set(slot, Local::default(), 0).map_err(|e| aya_err("update LOCAL_EPS", e))?;
+            }
         }
         Ok(())
     }
@@ -612,6 +642,31 @@ impl Datapath for EbpfDatapath {
         Ok(maps.peers.iter().filter_map(Result::ok).map(|(k, p)| (k.into(), p.next_hop.into())).collect())
     }
 
+    async fn set_broadcast(&self, trees: &BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>) -> Result<(), DatapathError> {
+        let mut maps = self.maps.lock().expect("maps lock");
+        let have: Vec<Ip4> = maps.bcast.keys().filter_map(Result::ok).collect();
+        for key in have {
+            if !trees.contains_key(&Ipv4Addr::from(key)) {
+                maps.bcast.remove(&key).map_err(|e| aya_err("update BCAST", e))?;
+            }
+        }
+        for (origin, hosts) in trees {
+            let mut value = Bcast::default();
+            for (slot, host) in value.hosts.iter_mut().zip(hosts) {
+                *slot = Ip4::from(*host);
+            }
+            value.count = hosts.len().min(abi::MAX_BCAST_FANOUT) as u32;
+            if hosts.len() > abi::MAX_BCAST_FANOUT {
+                warn!(%origin, children = hosts.len(), "broadcast tree wider than the data path takes; the rest get no multicast from here");
+            }
+            let key = Ip4::from(*origin);
+            if maps.bcast.get(&key, 0).ok() != Some(value) {
+                maps.bcast.insert(key, value, 0).map_err(|e| aya_err("update BCAST", e))?;
+            }
+        }
+        Ok(())
+    }
+
     async fn stats(&self) -> Result<Stats, DatapathError> {
         let maps = self.maps.lock().expect("maps lock");
         read_stats(&maps.counters)
@@ -731,6 +786,8 @@ fn open_maps(pin_dir: &Path) -> Result<Maps, DatapathError> {
         peers: HashMap::try_from(Map::HashMap(open_map(pin_dir, "PEERS")?)).map_err(|e| wrap("PEERS")(&e))?,
         underlay_ips: HashMap::try_from(Map::HashMap(open_map(pin_dir, "UNDERLAY_IPS")?))
             .map_err(|e| wrap("UNDERLAY_IPS")(&e))?,
+        local_eps: Array::try_from(Map::Array(open_map(pin_dir, "LOCAL_EPS")?)).map_err(|e| wrap("LOCAL_EPS")(&e))?,
+        bcast: HashMap::try_from(Map::HashMap(open_map(pin_dir, "BCAST")?)).map_err(|e| wrap("BCAST")(&e))?,
         counters: PerCpuArray::try_from(Map::PerCpuArray(open_map(pin_dir, "COUNTERS")?))
             .map_err(|e| wrap("COUNTERS")(&e))?,
     })

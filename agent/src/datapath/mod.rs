@@ -101,7 +101,7 @@ pub struct Count {
 /// What the data path did, summed over CPUs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
-    /// Per path: arp_reply, local, encap, decap, relay, pass.
+    /// Per path: arp_reply, local, encap, decap, relay, pass, bcast.
     pub paths: BTreeMap<&'static str, Count>,
     /// Per drop reason.
     pub drops: BTreeMap<&'static str, Count>,
@@ -193,6 +193,10 @@ pub trait Datapath: Send + Sync {
 
     /// The hosts programmed, with their next hops.
     async fn peer_hosts(&self) -> Result<BTreeMap<Ipv4Addr, Ipv4Addr>, DatapathError>;
+
+    /// Sets the broadcast trees: per origin host (`0.0.0.0` = this one), the hosts
+    /// its multicast and broadcast packets are passed on to. Replaces all trees.
+    async fn set_broadcast(&self, trees: &BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>) -> Result<(), DatapathError>;
 
     /// Counters since the data path was created (they survive agent restarts).
     async fn stats(&self) -> Result<Stats, DatapathError>;

@@ -31,6 +31,8 @@ pub struct Desired {
     /// Host (underlay address) → next hop address.
     pub hosts: BTreeMap<Ipv4Addr, Ipv4Addr>,
     pub remotes: BTreeMap<Ipv4Addr, RemoteEndpoint>,
+    /// Broadcast trees: origin host (`0.0.0.0` = us) → hosts to pass it on to.
+    pub broadcast: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
 }
 
 /// Computes the desired data-path state (pure: unit-tested directly). `have`
@@ -68,6 +70,14 @@ pub fn desired(
         d.hosts.insert(*host, *via);
         for ep in table.get(peer).map(Vec::as_slice).unwrap_or_default() {
             d.remotes.insert(ep.addr, RemoteEndpoint { addr: ep.addr, mac: ep.mac, host: *host });
+        }
+    }
+    for (origin, children) in &status.broadcast {
+        let key = if *origin == me { Some(Ipv4Addr::UNSPECIFIED) } else { data_addr.get(origin).copied() };
+        let hosts: Vec<Ipv4Addr> =
+            children.iter().filter_map(|c| data_addr.get(c)).filter(|h| d.hosts.contains_key(h)).copied().collect();
+        if let (Some(key), false) = (key, hosts.is_empty()) {
+            d.broadcast.insert(key, hosts);
         }
     }
     for peer in &status.held {
@@ -127,6 +137,7 @@ impl Programmer {
                 }
             }
         }
+        self.dp.set_broadcast(&want.broadcast).await?;
         let have: BTreeMap<Ipv4Addr, RemoteEndpoint> =
             self.dp.remote_endpoints().await?.into_iter().map(|r| (r.addr, r)).collect();
         for (addr, r) in &want.remotes {
@@ -203,6 +214,7 @@ mod tests {
                 info: String::new(),
             }],
             routes: BTreeMap::from([(b, b), (c, b)]),
+            broadcast: BTreeMap::from([(a, vec![b]), (c, vec![]), (b, vec![])]),
             ..Default::default()
         };
         let ep = |x: u8| EndpointRecord { addr: Ipv4Addr::new(10, 32, 0, x), mac: [0, 0, 0, 0, 0, x] };
@@ -212,6 +224,8 @@ mod tests {
         assert_eq!(d.hosts[&Ipv4Addr::new(192, 168, 2, 3)], Ipv4Addr::new(192, 168, 1, 2), "C through B");
         assert_eq!(d.remotes[&Ipv4Addr::new(10, 32, 0, 3)].host, Ipv4Addr::new(192, 168, 2, 3));
         assert!(!d.remotes.contains_key(&Ipv4Addr::new(10, 32, 0, 1)), "our own are local");
+        assert_eq!(d.broadcast[&Ipv4Addr::UNSPECIFIED], vec![Ipv4Addr::new(192, 168, 1, 2)], "ours go to B");
+        assert!(!d.broadcast.contains_key(&Ipv4Addr::new(192, 168, 2, 3)), "C's stop here");
 
         // C stops on purpose and is no longer reachable: its route stays as it was.
         let mut status = status;

@@ -178,6 +178,8 @@ pub struct MeshStatus {
     pub routes: BTreeMap<PeerName, PeerName>,
     /// Paused peers we cannot reach: their routes and endpoints are kept.
     pub held: Vec<PeerName>,
+    /// Per broadcast origin, the neighbours this peer passes its broadcasts to.
+    pub broadcast: BTreeMap<PeerName, Vec<PeerName>>,
     /// How often connections ended, by reason (for metrics).
     pub terminations: BTreeMap<String, u64>,
     /// Increases whenever the topology or routes change.
@@ -548,8 +550,9 @@ impl Actor {
 
     /// Pauses, lets every connection write what is queued, then returns.
     async fn stop(&mut self) {
-        self.node.pause();
-        self.flush_topology();
+        let mut out = Outbox::default();
+        self.node.pause(&mut out);
+        self.flush(out);
         let conns = std::mem::take(&mut self.conns);
         let mut waits = Vec::new();
         for (_, mut c) in conns {
@@ -920,9 +923,14 @@ impl Actor {
         let generation_input = (peers.clone(), routes.clone());
         let old = self.status.borrow();
         let changed = (old.peers.clone(), old.routes.clone()) != generation_input;
+        let mut broadcast = old.broadcast.clone();
         drop(old);
         if changed {
             self.generation += 1;
+            // Every peer's tree from here: one walk per origin, so only on change.
+            let origins: Vec<PeerName> = routes.keys().copied().chain([self.config.name]).collect();
+            let r = self.node.routes();
+            broadcast = origins.into_iter().map(|o| (o, r.broadcast(o).to_vec())).collect();
         }
         let status = MeshStatus {
             name: Some(self.config.name),
@@ -933,6 +941,7 @@ impl Actor {
             targets: self.targets.iter().filter(|(_, t)| !t.is_self).map(|(a, _)| a.clone()).collect(),
             routes,
             held: self.node.held(),
+            broadcast,
             terminations: self.terminations.clone(),
             generation: self.generation,
         };

@@ -221,10 +221,15 @@ impl Node {
     }
 
     /// Announces that this peer's agent is stopping on purpose while its data
-    /// path keeps forwarding (see [`PeerEntry::paused`]).
-    pub fn pause(&mut self) {
+    /// path keeps forwarding (see [`PeerEntry::paused`]). The entry is pushed
+    /// whole: a stopping peer cannot wait for neighbours to ask for it.
+    pub fn pause(&mut self, out: &mut Outbox) {
         self.own.paused = true;
         self.publish_own();
+        self.pending.clear();
+        for n in self.neighbours() {
+            out.send(n, Gossip::Topology(vec![self.own.clone()]));
+        }
     }
 
     /// Peers that are paused and unreachable: held, not dropped.
