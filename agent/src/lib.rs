@@ -13,5 +13,6 @@ pub mod app;
 pub mod cli;
 pub mod datapath;
 pub mod endpoints;
+pub mod ipam;
 pub mod mesh;
 pub mod state;

@@ -1,0 +1,878 @@
+//! The IPAM state machine, without I/O: the ring, the Paxos state (until the
+//! ring exists), the allocations, and the space requests in flight. Operations
+//! return [`Effect`]s for the shell: persist, gossip, send a unicast — in that
+//! order, so nothing is said before it is on disk.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use super::paxos::{Claims, Paxos};
+use super::ring::{Ring, RingError};
+use crate::mesh::PeerName;
+
+/// How initial ownership is decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Init {
+    /// Agreement among the first N voting peers.
+    Consensus(usize),
+    /// These peers own the range from the start, in equal parts.
+    Seed(Vec<PeerName>),
+    /// Never owns space at first; asks others when it needs some.
+    Observer,
+}
+
+impl std::str::FromStr for Init {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid --ipalloc-init {s:?}: use consensus=N, seed=PEER,PEER... or observer");
+        if s == "observer" {
+            return Ok(Init::Observer);
+        }
+        match s.split_once('=') {
+            Some(("consensus", n)) => n.parse().ok().filter(|n| *n > 0).map(Init::Consensus).ok_or_else(bad),
+            Some(("seed", peers)) => {
+                let names: Result<Vec<PeerName>, _> = peers.split(',').map(str::parse).collect();
+                names.map(Init::Seed).map_err(|e| format!("{}: {e}", bad()))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// What the shell must do after an operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Write the state to disk (before anything below).
+    Persist,
+    /// Send our state to the peers.
+    Gossip,
+    /// Send a message to one peer.
+    Unicast(PeerName, Msg),
+}
+
+/// Peer-to-peer IPAM messages (unicast over the mesh).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    /// "Please give me some of your free space in this subnet."
+    SpaceRequest { subnet: Ipv4Net },
+    /// "I gave you some (the ring says what)" or "I have none".
+    SpaceReply { subnet: Ipv4Net, granted: bool },
+    /// "Please give me this one address (I was asked to claim it)."
+    ClaimRequest { addr: Ipv4Addr },
+    /// The answer to a claim request.
+    ClaimReply { addr: Ipv4Addr, granted: bool, reason: String },
+}
+
+/// What is gossiped on the `ipam` channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipState {
+    pub ring: Ring,
+    /// Only while the ring is undecided.
+    pub paxos: Option<BTreeMap<PeerName, Claims>>,
+}
+
+/// What is written to the state directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Persisted {
+    pub ring: Ring,
+    pub allocations: BTreeMap<String, Vec<Ipv4Addr>>,
+    pub paxos: Option<Paxos>,
+}
+
+/// Why a request failed (each says what to do).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AllocError {
+    #[error("{subnet} is not inside the address range {range}")]
+    OutsideRange { subnet: Ipv4Net, range: Ipv4Net },
+    #[error("no free address left in {0}: release some, or give weft a bigger --ipalloc-range")]
+    Exhausted(Ipv4Net),
+    #[error("{addr} is in use by {by}")]
+    InUse { addr: Ipv4Addr, by: String },
+    #[error("{addr} is the network or broadcast address of {subnet}")]
+    Reserved { addr: Ipv4Addr, subnet: Ipv4Net },
+    #[error("{addr} belongs to peer {peer}, which is not reachable now; try again when it is back, or run `weft rmpeer {peer}` if it is gone for good")]
+    OwnerUnreachable { addr: Ipv4Addr, peer: PeerName },
+    #[error("peer {peer} refused to give {addr}: {reason}")]
+    ClaimRefused { addr: Ipv4Addr, peer: PeerName, reason: String },
+    #[error("this peer is an observer and no one has decided the address space yet")]
+    NoRing,
+}
+
+/// An operation's result: done, or wait (for space, or for agreement).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome<T> {
+    Done(T),
+    Wait(&'static str),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Asking {
+    /// Peer asked last, not answered yet.
+    pending: Option<PeerName>,
+    /// Peers that said no.
+    refused: BTreeSet<PeerName>,
+}
+
+/// The IPAM state of one peer.
+#[derive(Debug, Clone)]
+pub struct Ipam {
+    me: PeerName,
+    init: Init,
+    default_subnet: Ipv4Net,
+    ring: Ring,
+    paxos: Option<Paxos>,
+    by_id: BTreeMap<String, BTreeSet<u32>>,
+    by_addr: BTreeMap<u32, String>,
+    asking: BTreeMap<Ipv4Net, Asking>,
+    /// Claims waiting for their owner's answer: address → id; answers land here.
+    claims: BTreeMap<u32, (String, Option<Result<(), AllocError>>)>,
+    /// Subnets nobody had space for (the waiting requests should fail).
+    exhausted: BTreeSet<Ipv4Net>,
+}
+
+fn net_range(n: Ipv4Net) -> (u64, u64) {
+    let s = u64::from(u32::from(n.network()));
+    (s, s + (1u64 << (32 - n.prefix_len())))
+}
+
+impl Ipam {
+    /// A fresh IPAM for `me` over `range` (nothing decided yet, unless seeded).
+    pub fn new(me: PeerName, range: Ipv4Net, default_subnet: Ipv4Net, init: Init) -> Self {
+        let mut ring = Ring::new(range);
+        let paxos = match &init {
+            Init::Seed(peers) => {
+                ring.claim_for_peers(peers);
+                None
+            }
+            Init::Consensus(n) => Some(Paxos::new(me, *n, false)),
+            Init::Observer => Some(Paxos::new(me, 1, true)),
+        };
+        Ipam {
+            me,
+            init,
+            default_subnet: default_subnet.trunc(),
+            ring,
+            paxos,
+            by_id: BTreeMap::new(),
+            by_addr: BTreeMap::new(),
+            asking: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            exhausted: BTreeSet::new(),
+        }
+    }
+
+    /// Restores from disk (`range` and `init` must match the saved ring's range).
+    pub fn restore(me: PeerName, default_subnet: Ipv4Net, init: Init, saved: Persisted) -> Self {
+        let range = saved.ring.range;
+        let mut ipam = Ipam::new(me, range, default_subnet, init);
+        if !saved.ring.is_empty() {
+            ipam.ring = saved.ring;
+            ipam.paxos = None;
+        } else if let (Some(p), Some(saved)) = (&mut ipam.paxos, saved.paxos) {
+            // Promises must survive a restart: an acceptor never votes twice.
+            *p = saved;
+        }
+        for (id, addrs) in saved.allocations {
+            for a in addrs {
+                let a = u32::from(a);
+                ipam.by_id.entry(id.clone()).or_default().insert(a);
+                ipam.by_addr.insert(a, id.clone());
+            }
+        }
+        ipam
+    }
+
+    /// This peer's name.
+    pub fn me(&self) -> PeerName {
+        self.me
+    }
+
+    /// The ring.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// The address range.
+    pub fn range(&self) -> Ipv4Net {
+        self.ring.range
+    }
+
+    /// The default subnet.
+    pub fn default_subnet(&self) -> Ipv4Net {
+        self.default_subnet
+    }
+
+    /// What to save.
+    pub fn persisted(&self) -> Persisted {
+        Persisted {
+            ring: self.ring.clone(),
+            allocations: self.by_id.iter().map(|(id, a)| (id.clone(), a.iter().map(|x| Ipv4Addr::from(*x)).collect())).collect(),
+            paxos: self.paxos.clone(),
+        }
+    }
+
+    /// What to gossip.
+    pub fn gossip_state(&self) -> GossipState {
+        GossipState { ring: self.ring.clone(), paxos: self.paxos.as_ref().map(|p| p.claims.clone()) }
+    }
+
+    /// Every allocation: id → addresses.
+    pub fn allocations(&self) -> BTreeMap<String, Vec<Ipv4Addr>> {
+        self.persisted().allocations
+    }
+
+    /// The addresses of `id`.
+    pub fn lookup(&self, id: &str) -> Vec<Ipv4Addr> {
+        self.by_id.get(id).map(|a| a.iter().map(|x| Ipv4Addr::from(*x)).collect()).unwrap_or_default()
+    }
+
+    /// Addresses allocated here.
+    pub fn used(&self) -> usize {
+        self.by_addr.len()
+    }
+
+    /// Why allocations wait, if they do: "" when they do not.
+    pub fn waiting_for(&self) -> &'static str {
+        if !self.ring.is_empty() {
+            return "";
+        }
+        match &self.init {
+            Init::Observer => "an election among the voting peers (this peer is an observer)",
+            Init::Consensus(_) => "agreement among the initial peers (--ipalloc-init consensus)",
+            Init::Seed(_) => "",
+        }
+    }
+
+    /// The Paxos quorum while undecided.
+    pub fn consensus(&self) -> Option<(usize, usize)> {
+        self.paxos.as_ref().map(|p| (p.voters().len(), p.quorum()))
+    }
+
+    fn reserved(subnet: Ipv4Net, a: u32) -> bool {
+        subnet.prefix_len() < 31 && (a == u32::from(subnet.network()) || a == u32::from(subnet.broadcast()))
+    }
+
+    /// Free addresses in `[s, e)` (a span we own), as runs `(start, len)`.
+    fn free_runs(&self, s: u64, e: u64, subnet: Ipv4Net) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        let mut cursor = s;
+        for &x in self.by_addr.range((s as u32)..).map(|(x, _)| x) {
+            let x = u64::from(x);
+            if x >= e {
+                break;
+            }
+            if x > cursor {
+                gaps.push((cursor, x));
+            }
+            cursor = x + 1;
+        }
+        if cursor < e {
+            gaps.push((cursor, e));
+        }
+        // The subnet's network and broadcast addresses are never handed out.
+        let reserved: Vec<u64> = if subnet.prefix_len() < 31 {
+            vec![u64::from(u32::from(subnet.network())), u64::from(u32::from(subnet.broadcast()))]
+        } else {
+            Vec::new()
+        };
+        let mut runs = Vec::new();
+        for (a, b) in gaps {
+            let mut start = a;
+            for &r in &reserved {
+                if r >= start && r < b {
+                    if r > start {
+                        runs.push((start, r - start));
+                    }
+                    start = r + 1;
+                }
+            }
+            if start < b {
+                runs.push((start, b - start));
+            }
+        }
+        runs
+    }
+
+    /// Our ranges inside `subnet`.
+    fn my_spans(&self, subnet: Ipv4Net) -> Vec<(u64, u64)> {
+        let (ss, se) = net_range(subnet);
+        self.ring
+            .owned_by(self.me)
+            .into_iter()
+            .map(|(s, e)| (u64::from(s).max(ss), e.min(se)))
+            .filter(|(s, e)| s < e)
+            .collect()
+    }
+
+    fn check_subnet(&self, subnet: Ipv4Net) -> Result<Ipv4Net, AllocError> {
+        let subnet = subnet.trunc();
+        if !self.ring.range.contains(&subnet) {
+            return Err(AllocError::OutsideRange { subnet, range: self.ring.range });
+        }
+        Ok(subnet)
+    }
+
+    fn record(&mut self, id: &str, a: u32) {
+        self.by_id.entry(id.to_string()).or_default().insert(a);
+        self.by_addr.insert(a, id.to_string());
+    }
+
+    /// Starts an election if nobody has: proposing on every request would make
+    /// proposers pre-empt each other forever. A stalled election is restarted by
+    /// [`Ipam::repropose`] on a timer.
+    fn want_ring(&mut self, out: &mut Vec<Effect>) {
+        if let Some(p) = &mut self.paxos {
+            if p.chosen().is_none() && !p.any_proposal() {
+                p.propose();
+                p.step();
+                out.push(Effect::Persist);
+                out.push(Effect::Gossip);
+            }
+        }
+    }
+
+    /// Proposes again with a higher round (the shell's timer calls this while the
+    /// ring is undecided and allocations wait, e.g. the proposer went away).
+    pub fn repropose(&mut self, out: &mut Vec<Effect>) {
+        if let Some(p) = &mut self.paxos {
+            if p.chosen().is_none() {
+                p.propose();
+                p.step();
+                out.push(Effect::Persist);
+                out.push(Effect::Gossip);
+            }
+        }
+    }
+
+    /// Allocates an address for `id` in `subnet` (the default subnet if `None`).
+    /// `reachable` are the peers that can be asked for space.
+    pub fn allocate(
+        &mut self,
+        id: &str,
+        subnet: Option<Ipv4Net>,
+        reachable: &BTreeSet<PeerName>,
+        out: &mut Vec<Effect>,
+    ) -> Result<Outcome<Ipv4Addr>, AllocError> {
+        let subnet = self.check_subnet(subnet.unwrap_or(self.default_subnet))?;
+        // One address per id and subnet, whoever asks again (Weave's semantics).
+        if let Some(a) = self.by_id.get(id).and_then(|a| a.iter().find(|x| subnet.contains(&Ipv4Addr::from(**x)))) {
+            return Ok(Outcome::Done(Ipv4Addr::from(*a)));
+        }
+        if self.ring.is_empty() {
+            self.want_ring(out);
+            return Ok(Outcome::Wait("agreement on the address space"));
+        }
+        for (s, e) in self.my_spans(subnet) {
+            if let Some((a, _)) = self.free_runs(s, e, subnet).first() {
+                let a = *a as u32;
+                self.record(id, a);
+                self.exhausted.remove(&subnet);
+                out.push(Effect::Persist);
+                return Ok(Outcome::Done(Ipv4Addr::from(a)));
+            }
+        }
+        self.ask_for_space(subnet, reachable, out)
+    }
+
+    fn ask_for_space(
+        &mut self,
+        subnet: Ipv4Net,
+        reachable: &BTreeSet<PeerName>,
+        out: &mut Vec<Effect>,
+    ) -> Result<Outcome<Ipv4Addr>, AllocError> {
+        let asking = self.asking.entry(subnet).or_default();
+        if asking.pending.is_some() {
+            return Ok(Outcome::Wait("space from another peer"));
+        }
+        // The reachable peer advertising the most free space in the subnet.
+        let (ss, se) = net_range(subnet);
+        let mut free: BTreeMap<PeerName, u64> = BTreeMap::new();
+        for (s, e, entry) in self.ring.ranges() {
+            if entry.owner != self.me && u64::from(s) < se && e > ss && entry.free > 0 {
+                *free.entry(entry.owner).or_default() += u64::from(entry.free);
+            }
+        }
+        let best = free
+            .into_iter()
+            .filter(|(p, _)| reachable.contains(p) && !asking.refused.contains(p))
+            .max_by_key(|(p, f)| (*f, std::cmp::Reverse(*p)));
+        match best {
+            Some((peer, _)) => {
+                asking.pending = Some(peer);
+                out.push(Effect::Unicast(peer, Msg::SpaceRequest { subnet }));
+                Ok(Outcome::Wait("space from another peer"))
+            }
+            None => {
+                self.asking.remove(&subnet);
+                self.exhausted.insert(subnet);
+                Err(AllocError::Exhausted(subnet))
+            }
+        }
+    }
+
+    /// Whether waiting allocations in `subnet` should give up.
+    pub fn is_exhausted(&self, subnet: Ipv4Net) -> bool {
+        self.exhausted.contains(&subnet.trunc())
+    }
+
+    /// Claims `addr` for `id` (e.g. a container restarted with its old address).
+    pub fn claim(
+        &mut self,
+        id: &str,
+        addr: Ipv4Addr,
+        reachable: &BTreeSet<PeerName>,
+        out: &mut Vec<Effect>,
+    ) -> Result<Outcome<()>, AllocError> {
+        let a = u32::from(addr);
+        if !self.ring.range.contains(&addr) {
+            return Err(AllocError::OutsideRange { subnet: Ipv4Net::from(addr), range: self.ring.range });
+        }
+        let subnet = self.default_subnet;
+        if subnet.contains(&addr) && Self::reserved(subnet, a) {
+            return Err(AllocError::Reserved { addr, subnet });
+        }
+        if let Some(by) = self.by_addr.get(&a) {
+            return if by == id { Ok(Outcome::Done(())) } else { Err(AllocError::InUse { addr, by: by.clone() }) };
+        }
+        if self.ring.is_empty() {
+            self.want_ring(out);
+            return Ok(Outcome::Wait("agreement on the address space"));
+        }
+        let owner = self.ring.owner_of(a).expect("a decided ring covers its range");
+        if owner == self.me {
+            self.record(id, a);
+            out.push(Effect::Persist);
+            return Ok(Outcome::Done(()));
+        }
+        if let Some((who, answer)) = self.claims.get(&a) {
+            if who == id {
+                if let Some(answer) = answer.clone() {
+                    self.claims.remove(&a);
+                    answer?;
+                    // Granted, but the ring has not arrived yet: wait for it.
+                }
+                return Ok(Outcome::Wait("the owner's answer"));
+            }
+        }
+        if !reachable.contains(&owner) {
+            return Err(AllocError::OwnerUnreachable { addr, peer: owner });
+        }
+        self.claims.insert(a, (id.to_string(), None));
+        out.push(Effect::Unicast(owner, Msg::ClaimRequest { addr }));
+        Ok(Outcome::Wait("the owner's answer"))
+    }
+
+    /// Drops a claim that waited too long.
+    pub fn cancel_claim(&mut self, addr: Ipv4Addr) {
+        self.claims.remove(&u32::from(addr));
+    }
+
+    /// Forgets a space request whose peer never answered (it may be gone).
+    pub fn cancel_ask(&mut self, subnet: Ipv4Net) {
+        if let Some(a) = self.asking.get_mut(&subnet.trunc()) {
+            if let Some(p) = a.pending.take() {
+                a.refused.insert(p);
+            }
+        }
+    }
+
+    /// Releases every address of `id`.
+    pub fn release(&mut self, id: &str, out: &mut Vec<Effect>) -> Vec<Ipv4Addr> {
+        let Some(addrs) = self.by_id.remove(id) else { return Vec::new() };
+        for a in &addrs {
+            self.by_addr.remove(a);
+        }
+        self.exhausted.clear();
+        out.push(Effect::Persist);
+        addrs.into_iter().map(Ipv4Addr::from).collect()
+    }
+
+    /// Releases one address.
+    pub fn release_addr(&mut self, addr: Ipv4Addr, out: &mut Vec<Effect>) -> Option<String> {
+        let a = u32::from(addr);
+        let id = self.by_addr.remove(&a)?;
+        if let Some(set) = self.by_id.get_mut(&id) {
+            set.remove(&a);
+            if set.is_empty() {
+                self.by_id.remove(&id);
+            }
+        }
+        self.exhausted.clear();
+        out.push(Effect::Persist);
+        Some(id)
+    }
+
+    /// Updates our tokens' free counts; true if the ring changed (then gossip).
+    pub fn refresh_free(&mut self) -> bool {
+        let subnet = self.default_subnet;
+        let mine: Vec<(u32, u64)> = self
+            .ring
+            .ranges()
+            .into_iter()
+            .filter(|(_, _, e)| e.owner == self.me)
+            .map(|(s, e, _)| (s, e))
+            .collect();
+        let mut changed = false;
+        for (s, e) in mine {
+            let free: u64 = self.free_runs(u64::from(s), e, subnet).iter().map(|(_, n)| n).sum();
+            changed |= self.ring.set_free(self.me, s, free.min(u64::from(u32::MAX)) as u32);
+        }
+        changed
+    }
+
+    /// Merges a peer's gossip; returns whether our state changed. A ring that
+    /// breaks the rules is refused (the caller closes that connection).
+    pub fn on_gossip(&mut self, state: &GossipState, out: &mut Vec<Effect>) -> Result<bool, RingError> {
+        let mut changed = self.ring.merge(&state.ring, self.me)?;
+        if !self.ring.is_empty() {
+            if self.paxos.take().is_some() {
+                changed = true;
+            }
+        } else if let (Some(p), Some(claims)) = (&mut self.paxos, &state.paxos) {
+            let merged = p.merge(claims);
+            let stepped = p.step();
+            if stepped {
+                out.push(Effect::Persist);
+                out.push(Effect::Gossip);
+            }
+            changed |= merged || stepped;
+            if let Some(value) = p.chosen() {
+                self.ring.claim_for_peers(&value);
+                self.paxos = None;
+                out.push(Effect::Persist);
+                out.push(Effect::Gossip);
+                changed = true;
+            }
+        }
+        if changed {
+            self.asking.retain(|_, a| a.pending.is_some());
+            self.exhausted.clear();
+        }
+        Ok(changed)
+    }
+
+    /// A peer's message to us.
+    pub fn on_unicast(&mut self, src: PeerName, msg: Msg, out: &mut Vec<Effect>) {
+        match msg {
+            Msg::SpaceRequest { subnet } => {
+                let granted = match self.check_subnet(subnet) {
+                    Ok(subnet) => self.donate(src, subnet),
+                    Err(_) => false,
+                };
+                if granted {
+                    out.push(Effect::Persist);
+                    out.push(Effect::Gossip);
+                }
+                out.push(Effect::Unicast(src, Msg::SpaceReply { subnet, granted }));
+            }
+            Msg::SpaceReply { subnet, granted } => {
+                if let Some(a) = self.asking.get_mut(&subnet.trunc()) {
+                    if a.pending == Some(src) {
+                        a.pending = None;
+                        if !granted {
+                            a.refused.insert(src);
+                        }
+                    }
+                }
+            }
+            Msg::ClaimRequest { addr } => {
+                let a = u32::from(addr);
+                let (granted, reason) = if self.ring.owner_of(a) != Some(self.me) {
+                    (false, format!("it is not {}'s to give", self.me))
+                } else if let Some(by) = self.by_addr.get(&a) {
+                    (false, format!("it is in use by {by}"))
+                } else {
+                    self.refresh_free();
+                    (self.ring.give(self.me, a, u64::from(a) + 1, src), String::new())
+                };
+                if granted {
+                    self.refresh_free();
+                    out.push(Effect::Persist);
+                    out.push(Effect::Gossip);
+                }
+                out.push(Effect::Unicast(src, Msg::ClaimReply { addr, granted, reason }));
+            }
+            Msg::ClaimReply { addr, granted, reason } => {
+                if let Some((_, answer)) = self.claims.get_mut(&u32::from(addr)) {
+                    *answer = Some(if granted {
+                        Ok(())
+                    } else {
+                        Err(AllocError::ClaimRefused { addr, peer: src, reason })
+                    });
+                }
+            }
+        }
+    }
+
+    /// Gives `to` half of our largest free run in `subnet`; true if we did.
+    fn donate(&mut self, to: PeerName, subnet: Ipv4Net) -> bool {
+        let runs: Vec<(u64, u64)> =
+            self.my_spans(subnet).into_iter().flat_map(|(s, e)| self.free_runs(s, e, subnet)).collect();
+        let Some(&(start, len)) = runs.iter().max_by_key(|(s, l)| (*l, std::cmp::Reverse(*s))) else { return false };
+        // Keep the lower half (where our own allocations are packed), give the upper.
+        let keep = len / 2;
+        let from = start + keep;
+        let given = self.ring.give(self.me, from as u32, start + len, to);
+        if given {
+            self.refresh_free();
+        }
+        given
+    }
+
+    /// Takes `dead`'s ranges over (`weft rmpeer`, or the automatic reclaim).
+    pub fn reclaim(&mut self, dead: PeerName, out: &mut Vec<Effect>) -> u64 {
+        if dead == self.me {
+            return 0;
+        }
+        let moved = self.ring.reclaim(dead, self.me);
+        if moved > 0 {
+            self.refresh_free();
+            self.exhausted.clear();
+            out.push(Effect::Persist);
+            out.push(Effect::Gossip);
+        }
+        moved
+    }
+
+    /// Gives all our ranges away before leaving (`weft reset`): to `to` (the live
+    /// peer with the least space, chosen by the caller). Our allocations must be
+    /// released first.
+    pub fn give_all(&mut self, to: PeerName, out: &mut Vec<Effect>) -> u64 {
+        let mut moved = 0;
+        for (s, e) in self.ring.owned_by(self.me) {
+            if self.ring.give(self.me, s, e, to) {
+                moved += e - u64::from(s);
+            }
+        }
+        if moved > 0 {
+            out.push(Effect::Persist);
+            out.push(Effect::Gossip);
+        }
+        moved
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    fn p(i: u64) -> PeerName {
+        PeerName::new(0x0200_0000_0000 + i)
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    /// Delivers unicasts between `peers` until none is left; `up(i, j)` says
+    /// whether i can reach j (messages to unreachable peers are lost).
+    fn deliver(peers: &mut [Ipam], mut msgs: Vec<(usize, usize, Msg)>, up: &dyn Fn(usize, usize) -> bool) {
+        while let Some((from, to, msg)) = msgs.pop() {
+            if !up(from, to) {
+                continue;
+            }
+            let mut out = Vec::new();
+            let src = peers[from].me;
+            peers[to].on_unicast(src, msg, &mut out);
+            for e in out {
+                if let Effect::Unicast(dst, m) = e {
+                    let j = peers.iter().position(|x| x.me == dst).unwrap();
+                    msgs.push((to, j, m));
+                }
+            }
+        }
+    }
+
+    fn gossip(peers: &mut [Ipam], a: usize, b: usize) {
+        for (x, y) in [(a, b), (b, a)] {
+            peers[y].refresh_free();
+            let state = peers[y].gossip_state();
+            let mut out = Vec::new();
+            peers[x].on_gossip(&state, &mut out).expect("no conflicts in a valid history");
+        }
+    }
+
+    fn unicasts(peers: &[Ipam], from: usize, out: Vec<Effect>) -> Vec<(usize, usize, Msg)> {
+        out.into_iter()
+            .filter_map(|e| match e {
+                Effect::Unicast(dst, m) => Some((from, peers.iter().position(|x| x.me == dst).unwrap(), m)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn allocate_exhaust_and_get_space_from_a_peer() {
+        let range = net("10.32.0.0/28"); // 16 addresses, 14 usable
+        let mut peers = vec![
+            Ipam::new(p(0), range, range, Init::Seed(vec![p(0), p(1)])),
+            Ipam::new(p(1), range, range, Init::Seed(vec![p(0), p(1)])),
+        ];
+        let all: BTreeSet<PeerName> = [p(0), p(1)].into();
+        let mut got = BTreeSet::new();
+        let mut out = Vec::new();
+        // p(0) owns .0-.7: .0 is the network address, so 7 usable.
+        for i in 0..7 {
+            match peers[0].allocate(&format!("c{i}"), None, &all, &mut out).unwrap() {
+                Outcome::Done(a) => assert!(got.insert(a), "duplicate {a}"),
+                w => panic!("expected an address, got {w:?}"),
+            }
+        }
+        assert!(!got.contains(&Ipv4Addr::new(10, 32, 0, 0)), "never the network address");
+        assert_eq!(peers[0].allocate("c0", None, &all, &mut out).unwrap(), Outcome::Done(Ipv4Addr::new(10, 32, 0, 1)), "same id, same address");
+        gossip(&mut peers, 0, 1);
+        // Full: the next one asks p(1), the peer with free space.
+        let mut out = Vec::new();
+        assert!(matches!(peers[0].allocate("c7", None, &all, &mut out).unwrap(), Outcome::Wait(_)));
+        let msgs = unicasts(&peers, 0, out);
+        assert_eq!(msgs.len(), 1);
+        deliver(&mut peers, msgs, &|_, _| true);
+        gossip(&mut peers, 0, 1);
+        let mut out = Vec::new();
+        let Outcome::Done(a) = peers[0].allocate("c7", None, &all, &mut out).unwrap() else { panic!("space arrived") };
+        assert!(got.insert(a));
+        assert_ne!(a, Ipv4Addr::new(10, 32, 0, 15), "never the broadcast address");
+        // p(1) still allocates from what it kept, never what it gave.
+        for i in 0..3 {
+            let Outcome::Done(b) = peers[1].allocate(&format!("d{i}"), None, &all, &mut out).unwrap() else { panic!() };
+            assert!(got.insert(b), "duplicate {b}");
+        }
+    }
+
+    #[test]
+    fn claims_go_through_the_owner_and_never_hang_on_an_unreachable_one() {
+        let range = net("10.32.0.0/24");
+        let seed = Init::Seed(vec![p(0), p(1)]);
+        let mut peers = vec![Ipam::new(p(0), range, range, seed.clone()), Ipam::new(p(1), range, range, seed)];
+        let all: BTreeSet<PeerName> = [p(0), p(1)].into();
+        let theirs = Ipv4Addr::new(10, 32, 0, 200);
+        let mut out = Vec::new();
+        assert!(matches!(peers[0].claim("x", theirs, &all, &mut out).unwrap(), Outcome::Wait(_)));
+        let msgs = unicasts(&peers, 0, out);
+        deliver(&mut peers, msgs, &|_, _| true);
+        gossip(&mut peers, 0, 1);
+        let mut out = Vec::new();
+        assert_eq!(peers[0].claim("x", theirs, &all, &mut out).unwrap(), Outcome::Done(()));
+        assert_eq!(peers[0].ring().owner_of(u32::from(theirs)), Some(p(0)));
+        // Someone else's address, its owner gone: an answer at once.
+        let only_me: BTreeSet<PeerName> = [p(0)].into();
+        let err = peers[0].claim("y", Ipv4Addr::new(10, 32, 0, 201), &only_me, &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, AllocError::OwnerUnreachable { .. }), "{err}");
+        // An address in use is refused by its owner.
+        let mut out = Vec::new();
+        assert!(matches!(peers[1].allocate("z", None, &all, &mut out).unwrap(), Outcome::Done(_)));
+        let zaddr = peers[1].lookup("z")[0];
+        let mut out = Vec::new();
+        assert!(matches!(peers[0].claim("w", zaddr, &all, &mut out).unwrap(), Outcome::Wait(_)));
+        let msgs = unicasts(&peers, 0, out);
+        deliver(&mut peers, msgs, &|_, _| true);
+        let err = peers[0].claim("w", zaddr, &all, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("in use by z"), "{err}");
+    }
+
+    #[test]
+    fn reclaim_takes_over_a_dead_peers_space() {
+        let range = net("10.32.0.0/24");
+        let seed = Init::Seed(vec![p(0), p(1), p(2)]);
+        let mut a = Ipam::new(p(0), range, range, seed);
+        let mut out = Vec::new();
+        assert!(a.reclaim(p(2), &mut out) > 80);
+        assert!(a.ring().owned_by(p(2)).is_empty());
+        assert!(out.contains(&Effect::Persist) && out.contains(&Effect::Gossip));
+        assert_eq!(a.reclaim(p(0), &mut Vec::new()), 0, "never from ourselves");
+    }
+
+    /// 50 peers: consensus, then random partitions and heals with allocations on
+    /// every side. No address is ever handed out twice, and once healed every
+    /// peer holds the same ring.
+    #[test]
+    fn fifty_peers_through_partitions_never_duplicate() {
+        for seed in [7u64, 8] {
+            let n = 50;
+            let range = net("10.32.0.0/20");
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut peers: Vec<Ipam> = (0..n).map(|i| Ipam::new(p(i as u64), range, range, Init::Consensus(n))).collect();
+            let mut group = vec![0usize; n];
+            let mut held: BTreeMap<Ipv4Addr, (usize, String)> = BTreeMap::new();
+            let mut waiting: Vec<(usize, String)> = Vec::new();
+            let mut next = 0;
+            for round in 0..400 {
+                // Now and then: a new partition (2-3 sides) or a heal.
+                if round % 60 == 30 {
+                    let sides = rng.random_range(2..4);
+                    for g in group.iter_mut() {
+                        *g = rng.random_range(0..sides);
+                    }
+                } else if round % 60 == 0 {
+                    group.fill(0);
+                }
+                let reach = |i: usize, group: &[usize]| -> BTreeSet<PeerName> {
+                    (0..n).filter(|j| group[*j] == group[i]).map(|j| p(j as u64)).collect()
+                };
+                // Allocations on random peers (and retries of waiting ones).
+                let mut todo = std::mem::take(&mut waiting);
+                for _ in 0..5 {
+                    next += 1;
+                    todo.push((rng.random_range(0..n), format!("c{next}")));
+                }
+                let mut msgs = Vec::new();
+                for (i, id) in todo {
+                    let mut out = Vec::new();
+                    match peers[i].allocate(&id, None, &reach(i, &group), &mut out) {
+                        Ok(Outcome::Done(a)) => {
+                            if let Some(prev) = held.insert(a, (i, id.clone())) {
+                                assert_eq!(prev, (i, id.clone()), "seed {seed}: {a} handed out twice");
+                            }
+                        }
+                        Ok(Outcome::Wait(_)) => waiting.push((i, id)),
+                        Err(AllocError::Exhausted(_)) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                    msgs.extend(unicasts(&peers, i, out));
+                }
+                let g = group.clone();
+                deliver(&mut peers, msgs, &|a, b| g[a] == g[b]);
+                // Unanswered requests (their peer is across the partition) give up.
+                for ipam in peers.iter_mut() {
+                    ipam.cancel_ask(range);
+                }
+                // A stalled election is restarted by someone now and then.
+                if round % 20 == 10 {
+                    let i = rng.random_range(0..n);
+                    let mut out = Vec::new();
+                    peers[i].repropose(&mut out);
+                }
+                // Some gossip inside each side.
+                for _ in 0..n {
+                    let a = rng.random_range(0..n);
+                    let b = rng.random_range(0..n);
+                    if group[a] == group[b] && a != b {
+                        gossip(&mut peers, a, b);
+                    }
+                }
+            }
+            // Heal and gossip until quiet.
+            for _ in 0..6 {
+                for a in 0..n {
+                    gossip(&mut peers, a, (a + 1) % n);
+                    gossip(&mut peers, a, rng.random_range(0..n));
+                }
+            }
+            let first = peers[0].ring().clone();
+            assert!(!first.is_empty(), "seed {seed}: consensus decided the ring");
+            for ipam in &peers {
+                assert_eq!(ipam.ring(), &first, "seed {seed}: every ring identical after healing");
+            }
+            // Every allocation lies in its peer's own ranges.
+            for (a, (i, _)) in &held {
+                assert_eq!(first.owner_of(u32::from(*a)), Some(p(*i as u64)), "seed {seed}: {a} outside its owner's space");
+            }
+            assert!(held.len() > 1000, "seed {seed}: allocations happened ({})", held.len());
+        }
+    }
+}
