@@ -32,6 +32,8 @@ pub enum AppError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Mesh(#[from] mesh::MeshError),
+    #[error(transparent)]
+    Ipam(#[from] crate::ipam::IpamError),
     #[error("cannot serve the API on {addr}: {source} (is another weft running? pass --api)")]
     Api {
         addr: SocketAddr,
@@ -46,7 +48,9 @@ impl AppError {
     /// Exit code: 64 for bad usage (sysexits EX_USAGE), 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AppError::Usage(_) | AppError::RangeOverlap { .. } => 64,
+            AppError::Usage(_)
+            | AppError::RangeOverlap { .. }
+            | AppError::Ipam(crate::ipam::IpamError::SubnetOutside { .. } | crate::ipam::IpamError::RangeChanged { .. }) => 64,
             _ => 1,
         }
     }
@@ -117,6 +121,15 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
     let nl = Netlink::connect().map_err(DatapathError::from)?;
     check_range(&nl, args.ipalloc_range).await?;
 
+    let ipam_config = crate::ipam::IpamConfig {
+        me: name,
+        range: args.ipalloc_range,
+        default_subnet: args.ipalloc_default_subnet.unwrap_or(args.ipalloc_range),
+        init: args.ipalloc_init.clone().unwrap_or(crate::ipam::core::Init::Consensus(distinct_peers(&args.peers) + 1)),
+        reclaim_after: args.ipalloc_reclaim_after.0,
+    };
+    let (ipam_gossiper, ipam_pending) = crate::ipam::open(&ipam_config, &store)?;
+
     let mut opts = EbpfOptions::new(args.pin_name.clone().unwrap_or_else(|| name.to_string().replace(':', "")));
     opts.pin_root = args.pin_root.clone();
     opts.underlay = args.iface.clone();
@@ -154,11 +167,17 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
     config.heartbeat = config_heartbeat(args.heartbeat);
     config.heartbeat_timeout = config.heartbeat * 5;
     config.data_addr = Some(dp.local_address());
-    let channels: Vec<(String, Arc<dyn mesh::Gossiper>)> = vec![(endpoints::CHANNEL.to_string(), table.clone())];
+    let channels: Vec<(String, Arc<dyn mesh::Gossiper>)> = vec![
+        (endpoints::CHANNEL.to_string(), table.clone()),
+        (crate::ipam::CHANNEL.to_string(), ipam_gossiper),
+    ];
     let mesh = mesh::spawn(config, channels).await?;
 
     endpoints::announce_local(dp.as_ref(), &table, &mesh).await;
     let shutdown = CancellationToken::new();
+    // No discovery source yet: a gone peer is judged by the mesh alone.
+    let (_discovery_tx, discovery_rx) = tokio::sync::watch::channel(None);
+    let ipam = crate::ipam::spawn(ipam_config, ipam_pending, store.clone(), mesh.clone(), discovery_rx, shutdown.child_token());
     // Three heartbeat timeouts for the mesh to re-form before the programmer may
     // remove what a previous run left programmed.
     let grace = config_heartbeat(args.heartbeat) * 15;
@@ -179,12 +198,15 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
         underlay,
         ipalloc_range: args.ipalloc_range,
     });
+    let (reset_tx, reset_rx) = tokio::sync::watch::channel(false);
     let ctx = Ctx {
         mesh: mesh.clone(),
         dp: dp.clone(),
         table: table.clone(),
         store: store.clone(),
+        ipam: ipam.clone(),
         shutdown: shutdown.clone(),
+        reset: Arc::new(reset_tx),
         started,
         info,
     };
@@ -196,11 +218,27 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
     wait_for_stop(&shutdown).await;
     info!("stopping: the data path keeps forwarding until the next start");
     shutdown.cancel();
-    mesh.stop().await;
+    if *reset_rx.borrow() {
+        // Leaving for good: no pause, the peers drop this one.
+        mesh.shutdown();
+        dp.reset().await?;
+        std::fs::remove_dir_all(&args.state_dir)
+            .map_err(|source| crate::state::StateError::Io { path: args.state_dir.clone(), source })?;
+        info!("reset: addresses handed over, data path and state removed");
+    } else {
+        mesh.stop().await;
+    }
     if tokio::time::timeout(Duration::from_secs(5), prog_task).await.is_err() {
         warn!("the data-path programmer did not stop in time");
     }
     Ok(())
+}
+
+/// How many different peers were given (`host` and `host:6783` are one).
+fn distinct_peers(peers: &[String]) -> usize {
+    let normal: std::collections::BTreeSet<String> =
+        peers.iter().map(|p| p.strip_suffix(":6783").unwrap_or(p).to_string()).collect();
+    normal.len()
 }
 
 fn config_heartbeat(seconds: f64) -> Duration {

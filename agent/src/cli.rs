@@ -49,6 +49,14 @@ pub enum Command {
     Report,
     /// Attach a container (network namespace) to the overlay.
     Attach(AttachArgs),
+    /// Take over the address space of a peer that is gone for good.
+    Rmpeer {
+        /// Its name (aa:bb:cc:dd:ee:ff) or nickname.
+        peer: String,
+    },
+    /// Leave the network for good: hand this peer's addresses to another peer,
+    /// remove the data path and the state, and stop.
+    Reset,
     /// Detach a container from the overlay.
     Detach {
         /// The id given at attach (or the namespace's name).
@@ -121,6 +129,22 @@ pub struct LaunchArgs {
     #[arg(long, default_value = "10.32.0.0/12")]
     pub ipalloc_range: Ipv4Net,
 
+    /// The subnet containers get addresses in unless they ask for another;
+    /// default: the whole range.
+    #[arg(long)]
+    pub ipalloc_default_subnet: Option<Ipv4Net>,
+
+    /// How the range is first divided: consensus=N (agreement among the first N
+    /// peers; default N = the peers given here plus this one), seed=PEER,PEER...
+    /// (those peers own it from the start), or observer (never owns space first).
+    #[arg(long)]
+    pub ipalloc_init: Option<crate::ipam::core::Init>,
+
+    /// Take over the space of a peer gone (unreachable, not in discovery) this
+    /// long, e.g. 30m, 90s, 2h; "never" leaves it to `weft rmpeer`.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub ipalloc_reclaim_after: MaybeDuration,
+
     /// Where identity and known peers are kept.
     #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
     pub state_dir: PathBuf,
@@ -153,9 +177,9 @@ pub struct AttachArgs {
     #[arg(long)]
     pub id: Option<String>,
 
-    /// Addresses with prefix, e.g. 10.32.1.5/12.
-    #[arg(required = true)]
-    pub addrs: Vec<Ipv4Net>,
+    /// Addresses with prefix, e.g. 10.32.1.5/12; `net:CIDR` for one allocated in
+    /// a subnet; none for one allocated in the default subnet.
+    pub addrs: Vec<String>,
 
     /// Interface name inside the container.
     #[arg(long, default_value = crate::datapath::DEFAULT_ENDPOINT_IFNAME)]
@@ -164,4 +188,25 @@ pub struct AttachArgs {
     /// Do not route multicast (224.0.0.0/4) through the interface.
     #[arg(long)]
     pub no_multicast_route: bool,
+}
+
+/// A duration, or none (`never`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaybeDuration(pub Option<std::time::Duration>);
+
+/// `30m`, `90s`, `2h`, `500ms`, or `never`.
+pub fn parse_duration(s: &str) -> Result<MaybeDuration, String> {
+    if s == "never" {
+        return Ok(MaybeDuration(None));
+    }
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: use e.g. 30m, 90s, 2h or never"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration {s:?}: use e.g. 30m, 90s, 2h or never")),
+    };
+    Ok(MaybeDuration(Some(std::time::Duration::from_secs_f64(secs))))
 }

@@ -96,6 +96,10 @@ async fn run_client(api: std::net::SocketAddr, command: Command) -> Result<Strin
             client::request(api, Method::POST, "/detach", Some(client::json(&DetachRequest { id }))).await
         }
         Command::Ps => get("/ps").await,
+        Command::Rmpeer { peer } => {
+            client::request(api, Method::DELETE, &format!("/peer/{}", url_segment(&peer)), None).await
+        }
+        Command::Reset => client::request(api, Method::POST, "/reset", None).await,
     }
 }
 
@@ -104,4 +108,14 @@ fn pretty_json(s: &str) -> String {
         Ok(v) => format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()),
         Err(_) => s.to_string(),
     }
+}
+
+/// Percent-encodes one path segment.
+fn url_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -48,17 +48,25 @@ impl Agent {
         let mut args: Vec<String> = vec!["launch".into()];
         args.extend(peers.iter().map(ToString::to_string));
         let nickname = host.name.clone();
-        let name = peer_name(&id);
+        // A caller may choose the name (e.g. to seed IPAM with it).
+        let given = extra.iter().position(|a| *a == "--name").and_then(|i| extra.get(i + 1));
+        let name = given.map_or_else(|| peer_name(&id), |n| n.to_string());
+        if given.is_none() {
+            args.push("--name".into());
+            args.push(name.clone());
+        }
         for (k, v) in [
-            ("--name", name.as_str()),
             ("--nickname", nickname.as_str()),
             ("--iface", host.iface.as_str()),
             ("--pin-name", host.name.as_str()),
             ("--heartbeat", "0.2"),
             ("--log", "info,weft=debug"),
         ] {
-            args.push(k.into());
-            args.push(v.into());
+            // The caller's own value wins.
+            if !extra.contains(&k) {
+                args.push(k.into());
+                args.push(v.into());
+            }
         }
         let state_dir = std::env::temp_dir().join(format!("{id}-state"));
         args.push("--state-dir".into());
@@ -129,6 +137,12 @@ impl Agent {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// One HTTP request to the agent's API (from inside its namespace):
+    /// returns the status code and the body.
+    pub fn http(&self, method: &str, path: &str) -> (u16, String) {
+        http_in(&self.ns, method, path)
     }
 
     /// `weft report` as JSON.
@@ -220,4 +234,22 @@ pub fn weft_unprivileged(ns: &Netns, args: &[&str]) -> Command {
     let mut cmd = ns.cmd("setpriv");
     cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(weft_bin()).args(args);
     cmd
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:6784 inside `ns`.
+pub fn http_in(ns: &Netns, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let (method, path) = (method.to_string(), path.to_string());
+    crate::on_thread_in(ns, move || {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:6784").expect("API");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: weft\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("response");
+        let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (code, body)
+    })
+    .join()
+    .expect("http thread")
 }

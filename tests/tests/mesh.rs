@@ -24,16 +24,32 @@ fn lan(n: usize, extra: &[&str]) -> (Underlay, Vec<Host>, Vec<Agent>, Vec<Netns>
     let mut underlay = Underlay::new();
     let hosts: Vec<Host> = (0..n).map(|i| underlay.host(&format!("m{i}"))).collect();
     let first = hosts[0].ip;
+    // Every peer must agree on the consensus size (Paxos quorums must intersect).
+    let init = format!("consensus={n}");
+    let mut args: Vec<&str> = vec!["--ipalloc-init", &init];
+    args.extend_from_slice(extra);
     let agents: Vec<Agent> = hosts
         .iter()
         .enumerate()
-        .map(|(i, h)| Agent::launch(h, if i == 0 { &[] } else { std::slice::from_ref(&first) }, extra))
+        .map(|(i, h)| Agent::launch(h, if i == 0 { &[] } else { std::slice::from_ref(&first) }, &args))
         .collect();
     let containers: Vec<Netns> = (0..n).map(|i| Netns::new(&format!("k{i}"))).collect();
+    // Fixed addresses are claimed from their owners: the mesh must be up first
+    // (a claim against an unreachable owner fails at once, by design).
+    wait_mesh(&agents.iter().collect::<Vec<_>>());
     for (i, a) in agents.iter().enumerate() {
         a.attach(&containers[i], &overlay_addr(i));
     }
     (underlay, hosts, agents, containers)
+}
+
+/// Waits until every agent sees every other as a peer.
+fn wait_mesh(agents: &[&Agent]) {
+    let n = agents.len();
+    assert!(
+        wait_until(Duration::from_secs(30), || agents.iter().all(|a| a.peers().len() == n)),
+        "the mesh of {n} forms"
+    );
 }
 
 fn wait_full_mesh(agents: &[Agent]) {
@@ -123,10 +139,12 @@ fn a_line_relays_through_the_middle() {
     let mut c = underlay.isolated_host("lc");
     let (_, b_for_a) = underlay.link(&mut a, &mut b);
     let (b_for_c, _) = underlay.link(&mut b, &mut c);
-    let agent_b = Agent::launch(&b, &[], &[]);
-    let agent_a = Agent::launch(&a, &[b_for_a], &[]);
-    let agent_c = Agent::launch(&c, &[b_for_c], &[]);
+    let three = ["--ipalloc-init", "consensus=3"];
+    let agent_b = Agent::launch(&b, &[], &three);
+    let agent_a = Agent::launch(&a, &[b_for_a], &three);
+    let agent_c = Agent::launch(&c, &[b_for_c], &three);
     let (ka, kc) = (Netns::new("ka"), Netns::new("kc"));
+    wait_mesh(&[&agent_a, &agent_b, &agent_c]);
     agent_a.attach(&ka, &overlay_addr(0));
     agent_c.attach(&kc, &overlay_addr(2));
     let relayed = wait_until(Duration::from_secs(30), || agent_a.dp_remotes().contains(&"10.34.0.1".to_string()));
@@ -471,10 +489,12 @@ fn multicast_follows_the_broadcast_tree_through_a_relay() {
     let mut c = underlay.isolated_host("mc");
     let (_, b_for_a) = underlay.link(&mut a, &mut b);
     let (b_for_c, _) = underlay.link(&mut b, &mut c);
-    let agent_b = Agent::launch(&b, &[], &[]);
-    let agent_a = Agent::launch(&a, &[b_for_a], &[]);
-    let agent_c = Agent::launch(&c, &[b_for_c], &[]);
+    let three = ["--ipalloc-init", "consensus=3"];
+    let agent_b = Agent::launch(&b, &[], &three);
+    let agent_a = Agent::launch(&a, &[b_for_a], &three);
+    let agent_c = Agent::launch(&c, &[b_for_c], &three);
     let (ka, kb, kc) = (Netns::new("ka"), Netns::new("kb"), Netns::new("kc"));
+    wait_mesh(&[&agent_a, &agent_b, &agent_c]);
     agent_a.attach(&ka, &overlay_addr(0));
     agent_b.attach(&kb, &overlay_addr(1));
     agent_c.attach(&kc, &overlay_addr(2));

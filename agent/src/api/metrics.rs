@@ -73,6 +73,19 @@ pub async fn handler(State(ctx): State<Ctx>) -> Response {
     registry.register("weft_peers", "Peers in the topology, including this one", peers.clone());
     peers.set(status.peers.len() as i64);
 
+    if let Ok(ipam) = ctx.ipam.status().await {
+        let ips = Gauge::<i64>::default();
+        let max = Gauge::<i64>::default();
+        let unreachable = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register("weft_ips", "Addresses allocated on this peer", ips.clone());
+        registry.register("weft_max_ips", "Addresses this peer owns", max.clone());
+        registry.register("weft_unreachable_ips_percentage", "Share of the range owned by unreachable peers", unreachable.clone());
+        ips.set(ipam.used as i64);
+        let me = status.name;
+        max.set(ipam.peers.iter().filter(|p| Some(p.peer) == me).map(|p| p.owned as i64).sum());
+        unreachable.set(ipam.unreachable_percent);
+    }
+
     let endpoints = Gauge::<i64>::default();
     registry.register("weft_endpoints", "Endpoints in the gossiped table, all hosts", endpoints.clone());
     endpoints.set(ctx.table.all().iter().map(|e| e.endpoints.len() as i64).sum());

@@ -15,7 +15,7 @@ use std::time::Instant;
 use axum::extract::{Form, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::datapath::{Datapath, LocalEndpoint};
 use crate::endpoints::{self, EndpointTable};
+use crate::ipam::{IpamError, IpamHandle};
 use crate::mesh::MeshHandle;
 use crate::state::StateStore;
 
@@ -34,7 +35,10 @@ pub struct Ctx {
     pub dp: Arc<dyn Datapath>,
     pub table: Arc<EndpointTable>,
     pub store: Arc<StateStore>,
+    pub ipam: IpamHandle,
     pub shutdown: CancellationToken,
+    /// Set by `/reset`: the agent removes its data path and state as it stops.
+    pub reset: Arc<tokio::sync::watch::Sender<bool>>,
     pub started: Instant,
     pub info: Arc<AgentInfo>,
 }
@@ -85,6 +89,11 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/attach", post(attach))
         .route("/detach", post(detach))
         .route("/ps", get(ps))
+        .route("/ip/{id}", post(ip_allocate).get(ip_lookup).delete(ip_release))
+        .route("/ip/{id}/{addr}", put(ip_claim))
+        .route("/ip/{id}/{net}/{prefix}", post(ip_allocate_in))
+        .route("/peer/{peer}", delete(rmpeer))
+        .route("/reset", post(reset))
         .with_state(ctx)
 }
 
@@ -115,9 +124,10 @@ async fn status_of(State(ctx): State<Ctx>, Path(what): Path<String>) -> Result<R
         "targets" => render::targets(&status),
         "endpoints" => render::endpoint_table(&ctx.table.all(), &status),
         "datapath" => render::datapath(&ctx.dp.stats().await.map_err(internal)?),
+        "ipam" => render::ipam(&ctx.ipam.status().await.map_err(internal)?),
         other => {
             return Err(bad_request(format!(
-                "unknown status {other:?}: use peers, connections, targets, endpoints or datapath"
+                "unknown status {other:?}: use peers, connections, targets, endpoints, datapath or ipam"
             )));
         }
     }))
@@ -132,6 +142,7 @@ struct Report {
     info: AgentInfo,
     datapath: DatapathReport,
     endpoints: Vec<endpoints::table::PeerEndpoints>,
+    ipam: crate::ipam::IpamStatus,
 }
 
 #[derive(Serialize)]
@@ -164,6 +175,7 @@ async fn report(State(ctx): State<Ctx>) -> Result<Json<Report>, ApiError> {
             stats: dp.stats().await.map_err(internal)?,
         },
         endpoints: ctx.table.all(),
+        ipam: ctx.ipam.status().await.map_err(internal)?,
     }))
 }
 
@@ -232,7 +244,10 @@ async fn stop(State(ctx): State<Ctx>) -> Response {
 pub struct AttachRequest {
     pub netns: String,
     pub id: Option<String>,
-    pub addrs: Vec<Ipv4Net>,
+    /// `10.32.1.5/12` (that address), `net:10.40.0.0/16` (one allocated in that
+    /// subnet), or nothing (one allocated in the default subnet).
+    #[serde(default)]
+    pub addrs: Vec<String>,
     pub ifname: Option<String>,
     /// Skip the route for multicast (224.0.0.0/4) through the interface.
     #[serde(default)]
@@ -253,27 +268,144 @@ fn netns_path(netns: &str) -> PathBuf {
     if netns.contains('/') { PathBuf::from(netns) } else { PathBuf::from("/run/netns").join(netns) }
 }
 
+/// What a container asked for: an address, or one allocated in a subnet.
+enum Want {
+    Addr(Ipv4Net),
+    In(Option<Ipv4Net>),
+}
+
+fn parse_wants(addrs: &[String]) -> Result<Vec<Want>, ApiError> {
+    if addrs.is_empty() {
+        return Ok(vec![Want::In(None)]);
+    }
+    addrs
+        .iter()
+        .map(|a| match a.strip_prefix("net:") {
+            Some(net) => net.parse().map(|n| Want::In(Some(n))).map_err(|_| bad_request(format!("invalid subnet in {a:?}"))),
+            None if a == "net:default" => Ok(Want::In(None)),
+            None => a.parse().map(Want::Addr).map_err(|_| {
+                bad_request(format!("invalid address {a:?}: use ADDR/PREFIX, net:SUBNET, or nothing"))
+            }),
+        })
+        .collect()
+}
+
+/// Gets addresses for `id` from IPAM (allocating or claiming); releases them all
+/// if any fails, so nothing is half-allocated.
+async fn addresses(ipam: &IpamHandle, id: &str, wants: Vec<Want>) -> Result<Vec<Ipv4Net>, ApiError> {
+    let mut got = Vec::new();
+    for want in wants {
+        let r = match want {
+            Want::Addr(net) => ipam.claim(id, net.addr()).await.map(|_| net),
+            Want::In(subnet) => ipam.allocate(id, subnet).await,
+        };
+        match r {
+            Ok(net) => got.push(net),
+            Err(e) => {
+                let _ = ipam.release(id).await;
+                return Err(ipam_error(e));
+            }
+        }
+    }
+    Ok(got)
+}
+
+fn ipam_error(e: IpamError) -> ApiError {
+    match e {
+        IpamError::Stopped => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        IpamError::Timeout(..) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        _ => bad_request(e.to_string()),
+    }
+}
+
 async fn attach(State(ctx): State<Ctx>, Json(req): Json<AttachRequest>) -> Result<Response, ApiError> {
     let path = netns_path(&req.netns);
     let id = req.id.clone().unwrap_or_else(|| {
         path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| req.netns.clone())
     });
-    let mut ep = LocalEndpoint::new(id, path, req.addrs.clone());
+    let wants = parse_wants(&req.addrs)?;
+    let addrs = addresses(&ctx.ipam, &id, wants).await?;
+    let mut ep = LocalEndpoint::new(id.clone(), path, addrs);
     if let Some(ifname) = req.ifname {
         ep.ifname = ifname;
     }
     if !req.no_multicast_route {
         ep.routes.push(MULTICAST.parse().expect("valid CIDR"));
     }
-    let attached = ctx.dp.attach_endpoint(&ep).await.map_err(|e| bad_request(e.to_string()))?;
+    let attached = match ctx.dp.attach_endpoint(&ep).await {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = ctx.ipam.release(&id).await;
+            return Err(bad_request(e.to_string()));
+        }
+    };
     endpoints::announce_local(ctx.dp.as_ref(), &ctx.table, &ctx.mesh).await;
     Ok(text(render::ps(&[attached])))
 }
 
 async fn detach(State(ctx): State<Ctx>, Json(req): Json<DetachRequest>) -> Result<Response, ApiError> {
     ctx.dp.detach_endpoint(&req.id).await.map_err(|e| bad_request(e.to_string()))?;
+    ctx.ipam.release(&req.id).await.map_err(ipam_error)?;
     endpoints::announce_local(ctx.dp.as_ref(), &ctx.table, &ctx.mesh).await;
     Ok(text(String::new()))
+}
+
+/// `POST /ip/{id}`: an address in the default subnet (Weave's API), as CIDR text.
+async fn ip_allocate(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let net = ctx.ipam.allocate(&id, None).await.map_err(ipam_error)?;
+    Ok(text(format!("{net}\n")))
+}
+
+/// `POST /ip/{id}/{net}/{prefix}`: an address in that subnet.
+async fn ip_allocate_in(
+    State(ctx): State<Ctx>,
+    Path((id, net, prefix)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let subnet: Ipv4Net = format!("{net}/{prefix}").parse().map_err(|_| bad_request(format!("invalid subnet {net}/{prefix}")))?;
+    let got = ctx.ipam.allocate(&id, Some(subnet)).await.map_err(ipam_error)?;
+    Ok(text(format!("{got}\n")))
+}
+
+/// `PUT /ip/{id}/{addr}`: claims an address (e.g. a restarted container's).
+async fn ip_claim(State(ctx): State<Ctx>, Path((id, addr)): Path<(String, String)>) -> Result<Response, ApiError> {
+    let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| bad_request(format!("invalid address {addr:?}")))?;
+    let net = ctx.ipam.claim(&id, addr).await.map_err(ipam_error)?;
+    Ok(text(format!("{net}\n")))
+}
+
+/// `GET /ip/{id}`: its addresses.
+async fn ip_lookup(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let nets = ctx.ipam.lookup(&id).await.map_err(ipam_error)?;
+    if nets.is_empty() {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no address for {id}")));
+    }
+    Ok(text(nets.iter().map(|n| format!("{n}\n")).collect()))
+}
+
+/// `DELETE /ip/{id}`: releases its addresses.
+async fn ip_release(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    ctx.ipam.release(&id).await.map_err(ipam_error)?;
+    Ok(text(String::new()))
+}
+
+/// `DELETE /peer/{peer}`: `weft rmpeer`.
+async fn rmpeer(State(ctx): State<Ctx>, Path(peer): Path<String>) -> Result<Response, ApiError> {
+    let moved = ctx.ipam.rmpeer(&peer).await.map_err(ipam_error)?;
+    Ok(text(format!("{moved} addresses taken over from {peer}\n")))
+}
+
+/// `POST /reset`: give the addresses away, tear the data path down, stop.
+async fn reset(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
+    for ep in ctx.dp.local_endpoints().await.map_err(internal)? {
+        let _ = ctx.dp.detach_endpoint(&ep.id).await;
+        let _ = ctx.ipam.release(&ep.id).await;
+    }
+    let moved = ctx.ipam.give_away().await.map_err(ipam_error)?;
+    // Let the peers hear of it before the mesh goes.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let _ = ctx.reset.send(true);
+    ctx.shutdown.cancel();
+    Ok(text(format!("gave {moved} addresses to the other peers; removing the data path and state\n")))
 }
 
 async fn ps(State(ctx): State<Ctx>) -> Result<Response, ApiError> {

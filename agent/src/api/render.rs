@@ -134,3 +134,36 @@ pub fn ps(eps: &[AttachedEndpoint]) -> String {
     }
     out
 }
+
+/// `weft status ipam`.
+pub fn ipam(s: &crate::ipam::IpamStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{:>15}: {}", "Range", s.range);
+    let _ = writeln!(out, "{:>15}: {}", "DefaultSubnet", s.default_subnet);
+    if !s.waiting_for.is_empty() {
+        let (known, quorum) = s.consensus.unwrap_or((0, 0));
+        let _ = writeln!(out, "{:>15}: waiting for {} ({known} voters known, {quorum} needed)", "Status", s.waiting_for);
+    } else {
+        let _ = writeln!(out, "{:>15}: ready", "Status");
+    }
+    let _ = writeln!(out, "{:>15}: {} here", "Allocated", s.used);
+    let _ = writeln!(out, "{:>15}: {:.1}%", "Unreachable", s.unreachable_percent);
+    if let Some(c) = &s.conflict {
+        let _ = writeln!(out, "{:>15}: {c}", "Conflict");
+    }
+    if !s.peers.is_empty() {
+        let _ = writeln!(out, "\n{:<40} {:>10} {:>10} {:>10}  REACHABLE", "PEER", "OWNED", "USED", "FREE");
+        for p in &s.peers {
+            let _ = writeln!(
+                out,
+                "{:<40} {:>10} {:>10} {:>10}  {}",
+                who(p.peer, p.nickname.as_deref()),
+                p.owned,
+                p.owned.saturating_sub(p.free),
+                p.free,
+                if p.reachable { "yes" } else { "no" }
+            );
+        }
+    }
+    out
+}

@@ -291,18 +291,6 @@ impl EbpfDatapath {
         &self.vxlan
     }
 
-    /// Removes everything this host's data path created: endpoints' veths, the
-    /// VXLAN device, all pins (`weft reset`).
-    pub async fn destroy(self) -> Result<(), DatapathError> {
-        for ep in self.local_endpoints().await? {
-            self.nl.delete_link(ep.host_ifindex).await?;
-        }
-        self.nl.delete_link(self.vxlan.index).await?;
-        drop(self.progs);
-        drop(self.maps);
-        remove_pins(&self.pin_dir)
-    }
-
     /// Brings pins and kernel in line after a start: endpoint veths found are
     /// (re)attached, links and entries of vanished ones are dropped, peers get the
     /// current encapsulation mode.
@@ -670,6 +658,17 @@ impl Datapath for EbpfDatapath {
     async fn stats(&self) -> Result<Stats, DatapathError> {
         let maps = self.maps.lock().expect("maps lock");
         read_stats(&maps.counters)
+    }
+
+    async fn reset(&self) -> Result<(), DatapathError> {
+        for ep in self.local_endpoints().await? {
+            self.nl.delete_link(ep.host_ifindex).await?;
+        }
+        self.nl.delete_link(self.vxlan.index).await?;
+        // Unpinning detaches the links (no process holds them) and frees the maps.
+        remove_pins(&self.pin_dir)?;
+        info!(pins = %self.pin_dir.display(), "data path removed");
+        Ok(())
     }
 }
 

@@ -200,6 +200,10 @@ pub trait Datapath: Send + Sync {
 
     /// Counters since the data path was created (they survive agent restarts).
     async fn stats(&self) -> Result<Stats, DatapathError>;
+
+    /// Removes everything this host's data path made (endpoints, devices,
+    /// kernel state): `weft reset`.
+    async fn reset(&self) -> Result<(), DatapathError>;
 }
 
 /// The MAC weft gives an endpoint with address `addr`: `0a:58` + the address, as

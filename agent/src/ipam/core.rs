@@ -131,6 +131,10 @@ pub struct Ipam {
     claims: BTreeMap<u32, (String, Option<Result<(), AllocError>>)>,
     /// Subnets nobody had space for (the waiting requests should fail).
     exhausted: BTreeSet<Ipv4Net>,
+    /// Tokens just reclaimed: not allocated from until [`Ipam::settle`], so that
+    /// a second reclaimer (possible only while views disagree) loses the tie in
+    /// the ring before either hands out an address from them.
+    settling: BTreeSet<u32>,
 }
 
 fn net_range(n: Ipv4Net) -> (u64, u64) {
@@ -161,6 +165,7 @@ impl Ipam {
             asking: BTreeMap::new(),
             claims: BTreeMap::new(),
             exhausted: BTreeSet::new(),
+            settling: BTreeSet::new(),
         }
     }
 
@@ -296,15 +301,23 @@ impl Ipam {
         runs
     }
 
-    /// Our ranges inside `subnet`.
+    /// Our ranges inside `subnet` (except those still settling after a reclaim).
     fn my_spans(&self, subnet: Ipv4Net) -> Vec<(u64, u64)> {
         let (ss, se) = net_range(subnet);
         self.ring
-            .owned_by(self.me)
+            .ranges()
             .into_iter()
-            .map(|(s, e)| (u64::from(s).max(ss), e.min(se)))
+            .filter(|(t, _, e)| e.owner == self.me && !self.settling.contains(t))
+            .map(|(s, e, _)| (u64::from(s).max(ss), e.min(se)))
             .filter(|(s, e)| s < e)
             .collect()
+    }
+
+    /// Ends the settle period of reclaimed ranges: they can be allocated from.
+    pub fn settle(&mut self) -> bool {
+        let had = !self.settling.is_empty();
+        self.settling.clear();
+        had
     }
 
     fn check_subnet(&self, subnet: Ipv4Net) -> Result<Ipv4Net, AllocError> {
@@ -627,8 +640,10 @@ impl Ipam {
         if dead == self.me {
             return 0;
         }
+        let tokens: Vec<u32> = self.ring.ranges().iter().filter(|(_, _, e)| e.owner == dead).map(|(t, _, _)| *t).collect();
         let moved = self.ring.reclaim(dead, self.me);
         if moved > 0 {
+            self.settling.extend(tokens);
             self.refresh_free();
             self.exhausted.clear();
             out.push(Effect::Persist);

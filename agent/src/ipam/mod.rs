@@ -1,10 +1,708 @@
 //! IPAM: every container an address, never the same one twice.
 //!
 //! The range is a ring of ranges owned by peers ([`ring`]); initial ownership is
-//! decided by agreement ([`paxos`]) or seeded; the rest of the state machine is
-//! [`core`]. Owns: address ownership and allocations. Uses the mesh's `ipam`
-//! channel. Must not touch: the data path, DNS, Docker.
+//! decided by agreement ([`paxos`]) or seeded; the state machine is [`core`].
+//! This module is its shell: an actor that batches requests, persists before it
+//! answers or gossips (group commit), talks to other peers over the mesh's
+//! `ipam` channel, and reclaims the space of peers that are gone for good.
+//!
+//! Reclaiming safely: a dead peer's ranges are taken over automatically only
+//! when (1) it has been unreachable for the grace period and is absent from
+//! discovery, (2) this peer can reach a strict majority of the peers owning
+//! space in the ring — at most one side of a partition can — and (3) this peer
+//! has the smallest name among the peers it reaches, so one peer on that side
+//! acts. Views can briefly disagree, so reclaimed ranges also settle before use:
+//! a second reclaimer's entries tie with ours at the same version, the ring's
+//! order picks one owner, and neither allocates from them until that is seen.
+//!
+//! Owns: address ownership and allocations. Uses the mesh. Must not touch: the
+//! data path, DNS, Docker.
 
 pub mod core;
 pub mod paxos;
 pub mod ring;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use self::core::{AllocError, Effect, GossipState, Init, Ipam, Msg, Outcome, Persisted};
+use crate::mesh::{GossipError, Gossiper, MeshHandle, MeshStatus, PeerName};
+use crate::state::StateStore;
+
+/// The gossip channel's name.
+pub const CHANNEL: &str = "ipam";
+/// The state directory section.
+const SECTION: &str = "ipam";
+/// How long an allocation or claim may wait (for agreement or space).
+pub const WAIT: Duration = Duration::from_secs(30);
+/// How long an unanswered space request is waited for before asking another peer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a stalled election waits before this peer proposes again.
+const REPROPOSE: Duration = Duration::from_secs(5);
+/// How long reclaimed ranges settle before they are allocated from.
+pub const SETTLE: Duration = Duration::from_secs(3);
+/// The default grace period before a gone peer's space is reclaimed.
+pub const DEFAULT_RECLAIM_AFTER: Duration = Duration::from_secs(30 * 60);
+
+/// Settings of IPAM.
+#[derive(Debug, Clone)]
+pub struct IpamConfig {
+    pub me: PeerName,
+    pub range: Ipv4Net,
+    pub default_subnet: Ipv4Net,
+    pub init: Init,
+    /// Reclaim the space of peers gone this long (None: only `weft rmpeer`).
+    pub reclaim_after: Option<Duration>,
+}
+
+/// Why IPAM could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error("the state directory holds addresses from range {saved}, but --ipalloc-range is {given}: launch with the same range, or `weft reset` this peer first")]
+    RangeChanged { saved: Ipv4Net, given: Ipv4Net },
+    #[error("--ipalloc-default-subnet {subnet} is not inside --ipalloc-range {range}")]
+    SubnetOutside { subnet: Ipv4Net, range: Ipv4Net },
+    #[error("IPAM has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// One peer's share, for `weft status ipam`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PeerSpace {
+    pub peer: PeerName,
+    pub nickname: Option<String>,
+    pub owned: u64,
+    pub free: u64,
+    pub reachable: bool,
+}
+
+/// The state of IPAM.
+#[derive(Debug, Clone, Serialize)]
+pub struct IpamStatus {
+    pub range: Ipv4Net,
+    pub default_subnet: Ipv4Net,
+    /// What allocations wait for ("" when they do not).
+    pub waiting_for: String,
+    /// Voters known and quorum, while undecided.
+    pub consensus: Option<(usize, usize)>,
+    /// Addresses allocated on this peer.
+    pub used: usize,
+    pub peers: Vec<PeerSpace>,
+    /// Share of the range owned by unreachable peers, percent.
+    pub unreachable_percent: f64,
+    /// The last ring conflict refused (a peer seeded differently), if any.
+    pub conflict: Option<String>,
+    pub allocations: BTreeMap<String, Vec<Ipv4Addr>>,
+}
+
+enum Request {
+    Allocate { id: String, subnet: Option<Ipv4Net>, reply: oneshot::Sender<Result<Ipv4Net, IpamError>> },
+    Claim { id: String, addr: Ipv4Addr, reply: oneshot::Sender<Result<Ipv4Net, IpamError>> },
+    Release { id: String, reply: oneshot::Sender<Vec<Ipv4Addr>> },
+    Lookup { id: String, reply: oneshot::Sender<Vec<Ipv4Net>> },
+    Status { reply: oneshot::Sender<IpamStatus> },
+    RmPeer { peer: String, reply: oneshot::Sender<Result<u64, IpamError>> },
+    GiveAway { reply: oneshot::Sender<Result<u64, IpamError>> },
+}
+
+/// What the mesh's callbacks share with the actor.
+struct Shared {
+    ipam: Mutex<Ipam>,
+    /// The gossip handler found something to persist or pass on.
+    dirty: Notify,
+    /// ... and our own state changed in a way the peers must hear (Paxos).
+    gossip_due: std::sync::atomic::AtomicBool,
+    unicasts: mpsc::UnboundedSender<(PeerName, Msg)>,
+    conflict: Mutex<Option<String>>,
+}
+
+/// The mesh side of IPAM.
+pub struct IpamGossiper(Arc<Shared>);
+
+impl Gossiper for IpamGossiper {
+    fn full_state(&self) -> Vec<u8> {
+        let state = self.0.ipam.lock().expect("ipam lock").gossip_state();
+        postcard::to_stdvec(&state).expect("state encodes")
+    }
+
+    fn on_gossip(&self, from: PeerName, update: &[u8]) -> Result<Option<Vec<u8>>, GossipError> {
+        let state: GossipState = postcard::from_bytes(update)
+            .map_err(|e| GossipError::Decode { channel: CHANNEL.into(), detail: e.to_string() })?;
+        let mut ipam = self.0.ipam.lock().expect("ipam lock");
+        let mut effects = Vec::new();
+        match ipam.on_gossip(&state, &mut effects) {
+            Ok(changed) => {
+                let forward = changed.then(|| postcard::to_stdvec(&ipam.gossip_state()).expect("state encodes"));
+                drop(ipam);
+                if effects.contains(&Effect::Gossip) {
+                    self.0.gossip_due.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                if changed || !effects.is_empty() {
+                    self.0.dirty.notify_one();
+                }
+                Ok(forward)
+            }
+            Err(e) => {
+                let msg = format!("refusing the address space of peer {from}: {e}");
+                warn!("{msg}");
+                *self.0.conflict.lock().expect("conflict lock") = Some(msg);
+                Err(GossipError::Rejected { channel: CHANNEL.into(), detail: e.to_string() })
+            }
+        }
+    }
+
+    fn on_unicast(&self, src: PeerName, msg: &[u8]) -> Result<(), GossipError> {
+        let msg: Msg = postcard::from_bytes(msg)
+            .map_err(|e| GossipError::Decode { channel: CHANNEL.into(), detail: e.to_string() })?;
+        let _ = self.0.unicasts.send((src, msg));
+        Ok(())
+    }
+
+    fn on_peers_gone(&self, _peers: &[PeerName]) {
+        self.0.dirty.notify_one();
+    }
+}
+
+/// The handle other modules use.
+#[derive(Clone)]
+pub struct IpamHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl IpamHandle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, IpamError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| IpamError::Stopped)?;
+        rx.await.map_err(|_| IpamError::Stopped)
+    }
+
+    /// An address for `id` in `subnet` (the default subnet if `None`), with the
+    /// subnet's prefix.
+    pub async fn allocate(&self, id: &str, subnet: Option<Ipv4Net>) -> Result<Ipv4Net, IpamError> {
+        self.ask(|reply| Request::Allocate { id: id.into(), subnet, reply }).await?
+    }
+
+    /// Claims `addr` for `id`.
+    pub async fn claim(&self, id: &str, addr: Ipv4Addr) -> Result<Ipv4Net, IpamError> {
+        self.ask(|reply| Request::Claim { id: id.into(), addr, reply }).await?
+    }
+
+    /// Releases `id`'s addresses; returns them.
+    pub async fn release(&self, id: &str) -> Result<Vec<Ipv4Addr>, IpamError> {
+        self.ask(|reply| Request::Release { id: id.into(), reply }).await
+    }
+
+    /// `id`'s addresses.
+    pub async fn lookup(&self, id: &str) -> Result<Vec<Ipv4Net>, IpamError> {
+        self.ask(|reply| Request::Lookup { id: id.into(), reply }).await
+    }
+
+    /// The status.
+    pub async fn status(&self) -> Result<IpamStatus, IpamError> {
+        self.ask(|reply| Request::Status { reply }).await
+    }
+
+    /// Takes a dead peer's space over (`weft rmpeer`); `peer` is a name or nickname.
+    pub async fn rmpeer(&self, peer: &str) -> Result<u64, IpamError> {
+        self.ask(|reply| Request::RmPeer { peer: peer.into(), reply }).await?
+    }
+
+    /// Gives all of this peer's space to another peer (`weft reset`).
+    pub async fn give_away(&self) -> Result<u64, IpamError> {
+        self.ask(|reply| Request::GiveAway { reply }).await?
+    }
+}
+
+/// Loads (or creates) the IPAM state; returns the gossiper for the mesh and the
+/// parts the actor needs once the mesh is up.
+pub fn open(config: &IpamConfig, store: &StateStore) -> Result<(Arc<dyn Gossiper>, Pending), IpamError> {
+    if !config.range.contains(&config.default_subnet) {
+        return Err(IpamError::SubnetOutside { subnet: config.default_subnet, range: config.range });
+    }
+    let ipam = match store.section::<Persisted>(SECTION)? {
+        Some(saved) if saved.ring.range != config.range.trunc() => {
+            return Err(IpamError::RangeChanged { saved: saved.ring.range, given: config.range });
+        }
+        Some(saved) => Ipam::restore(config.me, config.default_subnet, config.init.clone(), saved),
+        None => Ipam::new(config.me, config.range, config.default_subnet, config.init.clone()),
+    };
+    let (utx, urx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        ipam: Mutex::new(ipam),
+        dirty: Notify::new(),
+        gossip_due: std::sync::atomic::AtomicBool::new(false),
+        unicasts: utx,
+        conflict: Mutex::new(None),
+    });
+    Ok((Arc::new(IpamGossiper(shared.clone())), Pending { shared, unicasts: urx }))
+}
+
+/// What [`open`] prepared for [`spawn`].
+pub struct Pending {
+    shared: Arc<Shared>,
+    unicasts: mpsc::UnboundedReceiver<(PeerName, Msg)>,
+}
+
+/// Starts the actor.
+pub fn spawn(
+    config: IpamConfig,
+    pending: Pending,
+    store: Arc<StateStore>,
+    mesh: MeshHandle,
+    discovery: watch::Receiver<Option<BTreeSet<Ipv4Addr>>>,
+    cancel: CancellationToken,
+) -> IpamHandle {
+    let (tx, rx) = mpsc::channel(4096);
+    let actor = Actor {
+        config,
+        shared: pending.shared,
+        store,
+        mesh,
+        discovery,
+        waiting: Vec::new(),
+        asked_at: BTreeMap::new(),
+        unreachable_since: BTreeMap::new(),
+        last_addr: BTreeMap::new(),
+        election_started: None,
+        settle_at: None,
+    };
+    tokio::spawn(actor.run(rx, pending.unicasts, cancel));
+    IpamHandle { tx }
+}
+
+enum Waiter {
+    Allocate { id: String, subnet: Option<Ipv4Net>, deadline: Instant, reply: oneshot::Sender<Result<Ipv4Net, IpamError>> },
+    Claim { id: String, addr: Ipv4Addr, deadline: Instant, reply: oneshot::Sender<Result<Ipv4Net, IpamError>> },
+}
+
+struct Actor {
+    config: IpamConfig,
+    shared: Arc<Shared>,
+    store: Arc<StateStore>,
+    mesh: MeshHandle,
+    discovery: watch::Receiver<Option<BTreeSet<Ipv4Addr>>>,
+    waiting: Vec<Waiter>,
+    asked_at: BTreeMap<Ipv4Net, Instant>,
+    unreachable_since: BTreeMap<PeerName, Instant>,
+    last_addr: BTreeMap<PeerName, Ipv4Addr>,
+    election_started: Option<Instant>,
+    settle_at: Option<Instant>,
+}
+
+/// Effects gathered over a batch.
+#[derive(Default)]
+struct Batch {
+    persist: bool,
+    gossip: bool,
+    unicasts: Vec<(PeerName, Msg)>,
+}
+
+impl Batch {
+    fn add(&mut self, effects: Vec<Effect>) {
+        for e in effects {
+            match e {
+                Effect::Persist => self.persist = true,
+                Effect::Gossip => self.gossip = true,
+                Effect::Unicast(p, m) => self.unicasts.push((p, m)),
+            }
+        }
+    }
+}
+
+fn reachable(status: &MeshStatus, me: PeerName) -> BTreeSet<PeerName> {
+    status.routes.keys().copied().chain([me]).collect()
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Request>,
+        mut unicasts: mpsc::UnboundedReceiver<(PeerName, Msg)>,
+        cancel: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let shared = self.shared.clone();
+        loop {
+            let mut batch = Batch::default();
+            let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = rx.recv() => match r {
+                    Some(req) => {
+                        self.request(req, &mut batch, &mut replies);
+                        // Group commit: everything ready goes into one write.
+                        for _ in 0..1024 {
+                            match rx.try_recv() {
+                                Ok(req) => self.request(req, &mut batch, &mut replies),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => break,
+                },
+                Some((src, msg)) = unicasts.recv() => {
+                    let mut effects = Vec::new();
+                    self.shared.ipam.lock().expect("ipam lock").on_unicast(src, msg, &mut effects);
+                    batch.add(effects);
+                }
+                _ = shared.dirty.notified() => {
+                    // Gossip merged something: it may be a decided ring or a
+                    // donation; it is persisted with the next write.
+                    batch.persist = true;
+                    batch.gossip = shared.gossip_due.swap(false, std::sync::atomic::Ordering::Relaxed);
+                }
+                _ = tick.tick() => self.tick(&mut batch),
+            }
+            self.retry_waiting(&mut batch, &mut replies);
+            self.flush(batch).await;
+            for reply in replies {
+                reply();
+            }
+        }
+    }
+
+    fn request(&mut self, req: Request, batch: &mut Batch, replies: &mut Vec<Box<dyn FnOnce() + Send>>) {
+        let status = self.mesh.status().borrow().clone();
+        let reach = reachable(&status, self.config.me);
+        let shared = self.shared.clone();
+        let mut ipam = shared.ipam.lock().expect("ipam lock");
+        let mut effects = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        match req {
+            Request::Allocate { id, subnet, reply } => {
+                let prefix = subnet.unwrap_or(ipam.default_subnet()).prefix_len();
+                match ipam.allocate(&id, subnet, &reach, &mut effects) {
+                    Ok(Outcome::Done(a)) => {
+                        let net = Ipv4Net::new(a, prefix).expect("valid prefix");
+                        replies.push(Box::new(move || {
+                            let _ = reply.send(Ok(net));
+                        }));
+                    }
+                    Ok(Outcome::Wait(_)) => {
+                        self.note_waiting(&ipam, subnet);
+                        self.waiting.push(Waiter::Allocate { id, subnet, deadline, reply });
+                    }
+                    Err(e) => replies.push(Box::new(move || {
+                        let _ = reply.send(Err(e.into()));
+                    })),
+                }
+            }
+            Request::Claim { id, addr, reply } => match ipam.claim(&id, addr, &reach, &mut effects) {
+                Ok(Outcome::Done(())) => {
+                    let net = Ipv4Net::new(addr, claim_prefix(&ipam, addr)).expect("valid prefix");
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(Ok(net));
+                    }));
+                }
+                Ok(Outcome::Wait(_)) => {
+                    self.note_waiting(&ipam, None);
+                    self.waiting.push(Waiter::Claim { id, addr, deadline, reply });
+                }
+                Err(e) => replies.push(Box::new(move || {
+                    let _ = reply.send(Err(e.into()));
+                })),
+            },
+            Request::Release { id, reply } => {
+                let released = ipam.release(&id, &mut effects);
+                replies.push(Box::new(move || {
+                    let _ = reply.send(released);
+                }));
+            }
+            Request::Lookup { id, reply } => {
+                let prefix = ipam.default_subnet().prefix_len();
+                let nets: Vec<Ipv4Net> =
+                    ipam.lookup(&id).into_iter().map(|a| Ipv4Net::new(a, prefix).expect("prefix")).collect();
+                let _ = reply.send(nets);
+            }
+            Request::Status { reply } => {
+                drop(ipam);
+                let s = self.status(&status);
+                let _ = reply.send(s);
+                return;
+            }
+            Request::RmPeer { peer, reply } => {
+                let result = resolve_peer(&peer, &ipam, &status).and_then(|dead| {
+                    if reach.contains(&dead) && dead != self.config.me {
+                        return Err(IpamError::Refused(format!(
+                            "peer {dead} is reachable: stop it (or `weft reset` it) before taking its addresses"
+                        )));
+                    }
+                    if dead == self.config.me {
+                        return Err(IpamError::Refused("a peer cannot rmpeer itself; use `weft reset`".into()));
+                    }
+                    let moved = ipam.reclaim(dead, &mut effects);
+                    info!(peer = %dead, addresses = moved, "took over a removed peer's addresses");
+                    Ok(moved)
+                });
+                if result.as_ref().is_ok_and(|m| *m > 0) {
+                    self.settle_at = Some(Instant::now() + SETTLE);
+                }
+                replies.push(Box::new(move || {
+                    let _ = reply.send(result);
+                }));
+            }
+            Request::GiveAway { reply } => {
+                // To the reachable peer owning the least: it is the likeliest to need it.
+                let owners = ipam.ring().ownership();
+                let heir = reach
+                    .iter()
+                    .filter(|p| **p != self.config.me)
+                    .min_by_key(|p| (owners.get(p).copied().unwrap_or(0), **p))
+                    .copied();
+                let result = match heir {
+                    Some(heir) if ipam.used() == 0 => Ok(ipam.give_all(heir, &mut effects)),
+                    Some(_) => Err(IpamError::Refused(format!(
+                        "{} addresses are still allocated here; detach the containers first",
+                        ipam.used()
+                    ))),
+                    None => Ok(0),
+                };
+                replies.push(Box::new(move || {
+                    let _ = reply.send(result);
+                }));
+            }
+        }
+        drop(ipam);
+        batch.add(effects);
+    }
+
+    fn note_waiting(&mut self, ipam: &Ipam, subnet: Option<Ipv4Net>) {
+        if ipam.ring().is_empty() {
+            self.election_started.get_or_insert_with(Instant::now);
+        } else {
+            let subnet = subnet.unwrap_or(ipam.default_subnet()).trunc();
+            self.asked_at.entry(subnet).or_insert_with(Instant::now);
+        }
+    }
+
+    fn retry_waiting(&mut self, batch: &mut Batch, replies: &mut Vec<Box<dyn FnOnce() + Send>>) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let status = self.mesh.status().borrow().clone();
+        let reach = reachable(&status, self.config.me);
+        let mut ipam = self.shared.ipam.lock().expect("ipam lock");
+        let mut effects = Vec::new();
+        let now = Instant::now();
+        let mut still = Vec::new();
+        for w in std::mem::take(&mut self.waiting) {
+            match w {
+                Waiter::Allocate { id, subnet, deadline, reply } => {
+                    let prefix = subnet.unwrap_or(ipam.default_subnet()).prefix_len();
+                    match ipam.allocate(&id, subnet, &reach, &mut effects) {
+                        Ok(Outcome::Done(a)) => {
+                            let net = Ipv4Net::new(a, prefix).expect("prefix");
+                            replies.push(Box::new(move || {
+                                let _ = reply.send(Ok(net));
+                            }));
+                        }
+                        Ok(Outcome::Wait(why)) if now >= deadline => replies.push(Box::new(move || {
+                            let _ = reply.send(Err(IpamError::Timeout(WAIT, why)));
+                        })),
+                        Ok(Outcome::Wait(_)) => still.push(Waiter::Allocate { id, subnet, deadline, reply }),
+                        Err(e) => replies.push(Box::new(move || {
+                            let _ = reply.send(Err(e.into()));
+                        })),
+                    }
+                }
+                Waiter::Claim { id, addr, deadline, reply } => match ipam.claim(&id, addr, &reach, &mut effects) {
+                    Ok(Outcome::Done(())) => {
+                        let net = Ipv4Net::new(addr, claim_prefix(&ipam, addr)).expect("prefix");
+                        replies.push(Box::new(move || {
+                            let _ = reply.send(Ok(net));
+                        }));
+                    }
+                    Ok(Outcome::Wait(why)) if now >= deadline => {
+                        ipam.cancel_claim(addr);
+                        replies.push(Box::new(move || {
+                            let _ = reply.send(Err(IpamError::Timeout(WAIT, why)));
+                        }));
+                    }
+                    Ok(Outcome::Wait(_)) => still.push(Waiter::Claim { id, addr, deadline, reply }),
+                    Err(e) => replies.push(Box::new(move || {
+                        let _ = reply.send(Err(e.into()));
+                    })),
+                },
+            }
+        }
+        self.waiting = still;
+        drop(ipam);
+        batch.add(effects);
+    }
+
+    fn tick(&mut self, batch: &mut Batch) {
+        let status = self.mesh.status().borrow().clone();
+        let reach = reachable(&status, self.config.me);
+        for p in &status.peers {
+            if let Some(a) = p.data_addr {
+                self.last_addr.insert(p.name, a);
+            }
+        }
+        let shared = self.shared.clone();
+        let mut ipam = shared.ipam.lock().expect("ipam lock");
+        let mut effects = Vec::new();
+        if ipam.refresh_free() {
+            effects.push(Effect::Persist);
+            effects.push(Effect::Gossip);
+        }
+        // An election that stalls (its proposer went away) is restarted.
+        if ipam.ring().is_empty() && !self.waiting.is_empty() {
+            if self.election_started.is_some_and(|t| t.elapsed() > REPROPOSE) {
+                ipam.repropose(&mut effects);
+                self.election_started = Some(Instant::now());
+            }
+        } else {
+            self.election_started = None;
+        }
+        // A peer that never answered a space request: ask another.
+        let now = Instant::now();
+        for (subnet, at) in std::mem::take(&mut self.asked_at) {
+            if now.duration_since(at) > ASK_TIMEOUT {
+                ipam.cancel_ask(subnet);
+            } else {
+                self.asked_at.insert(subnet, at);
+            }
+        }
+        if self.settle_at.is_some_and(|t| now >= t) {
+            ipam.settle();
+            self.settle_at = None;
+        }
+        self.auto_reclaim(&mut ipam, &reach, &mut effects);
+        drop(ipam);
+        batch.add(effects);
+    }
+
+    /// The automatic reclaim policy (see the module docs).
+    fn auto_reclaim(&mut self, ipam: &mut Ipam, reach: &BTreeSet<PeerName>, effects: &mut Vec<Effect>) {
+        let Some(grace) = self.config.reclaim_after else { return };
+        let now = Instant::now();
+        let owners: BTreeSet<PeerName> = ipam.ring().ownership().into_keys().collect();
+        for p in &owners {
+            if reach.contains(p) {
+                self.unreachable_since.remove(p);
+            } else {
+                self.unreachable_since.entry(*p).or_insert(now);
+            }
+        }
+        self.unreachable_since.retain(|p, _| owners.contains(p));
+        let live = owners.iter().filter(|p| reach.contains(p)).count();
+        if live * 2 <= owners.len() {
+            return; // a minority (or a tie) never reclaims
+        }
+        if reach.iter().next() != Some(&self.config.me) {
+            return; // the smallest reachable name acts
+        }
+        let discovered = self.discovery.borrow().clone();
+        let dead: Vec<PeerName> = self
+            .unreachable_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) > grace)
+            .filter(|(p, _)| match (&discovered, self.last_addr.get(p)) {
+                // Discovery still lists its address: it may be coming back.
+                (Some(found), Some(addr)) => !found.contains(addr),
+                _ => true,
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in dead {
+            let moved = ipam.reclaim(p, effects);
+            if moved > 0 {
+                info!(peer = %p, addresses = moved, "reclaimed the address space of a peer gone longer than {grace:?}");
+                self.settle_at = Some(now + SETTLE);
+            }
+            self.unreachable_since.remove(&p);
+        }
+    }
+
+    fn status(&self, mesh: &MeshStatus) -> IpamStatus {
+        let reach = reachable(mesh, self.config.me);
+        let ipam = self.shared.ipam.lock().expect("ipam lock");
+        let owned = ipam.ring().ownership();
+        let free = ipam.ring().free_by_peer();
+        let total: u64 = owned.values().sum();
+        let unreachable: u64 = owned.iter().filter(|(p, _)| !reach.contains(p)).map(|(_, n)| n).sum();
+        let nick = |p: &PeerName| mesh.peers.iter().find(|s| s.name == *p).map(|s| s.nickname.clone());
+        IpamStatus {
+            range: ipam.range(),
+            default_subnet: ipam.default_subnet(),
+            waiting_for: ipam.waiting_for().to_string(),
+            consensus: ipam.consensus(),
+            used: ipam.used(),
+            peers: owned
+                .iter()
+                .map(|(p, n)| PeerSpace {
+                    peer: *p,
+                    nickname: nick(p),
+                    owned: *n,
+                    free: free.get(p).copied().unwrap_or(0),
+                    reachable: reach.contains(p),
+                })
+                .collect(),
+            unreachable_percent: if total == 0 { 0.0 } else { 100.0 * unreachable as f64 / total as f64 },
+            conflict: self.shared.conflict.lock().expect("conflict lock").clone(),
+            allocations: ipam.allocations(),
+        }
+    }
+
+    async fn flush(&mut self, batch: Batch) {
+        if batch.persist || batch.gossip {
+            let (persisted, state) = {
+                let ipam = self.shared.ipam.lock().expect("ipam lock");
+                (ipam.persisted(), ipam.gossip_state())
+            };
+            if batch.persist {
+                let store = self.store.clone();
+                let written = tokio::task::spawn_blocking(move || store.set_section(SECTION, &persisted)).await;
+                if let Err(e) = written.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                    warn!(error = %e, "cannot save the IPAM state");
+                }
+            }
+            if batch.gossip {
+                let _ = self.mesh.gossip(CHANNEL, postcard::to_stdvec(&state).expect("state encodes")).await;
+            }
+        }
+        for (peer, msg) in batch.unicasts {
+            let bytes = postcard::to_stdvec(&msg).expect("messages encode");
+            if let Err(e) = self.mesh.unicast(CHANNEL, peer, bytes).await {
+                warn!(%peer, error = %e, "cannot reach a peer for IPAM");
+            }
+        }
+    }
+}
+
+/// The prefix a claimed address gets: the default subnet's if it is inside it,
+/// else the whole range's.
+fn claim_prefix(ipam: &Ipam, addr: Ipv4Addr) -> u8 {
+    if ipam.default_subnet().contains(&addr) { ipam.default_subnet().prefix_len() } else { ipam.range().prefix_len() }
+}
+
+/// A peer by name (`aa:bb:..`) or nickname.
+fn resolve_peer(peer: &str, ipam: &Ipam, status: &MeshStatus) -> Result<PeerName, IpamError> {
+    if let Ok(name) = peer.parse::<PeerName>() {
+        return Ok(name);
+    }
+    if let Some(p) = status.peers.iter().find(|p| p.nickname == peer) {
+        return Ok(p.name);
+    }
+    let owners: Vec<String> = ipam.ring().ownership().keys().map(ToString::to_string).collect();
+    Err(IpamError::Refused(format!(
+        "unknown peer {peer:?}: give its name (one of {}) or a nickname of a known peer",
+        owners.join(", ")
+    )))
+}

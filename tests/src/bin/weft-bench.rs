@@ -15,8 +15,9 @@ fn main() {
             env_u32("WEFT_BENCH_SECONDS", 3),
         ),
         "mesh" => weft_tests::bench::mesh::run_bench(),
+        "ipam" => weft_tests::bench::ipam::run_bench(),
         other => {
-            eprintln!("unknown benchmark {other:?}; known: datapath, mesh");
+            eprintln!("unknown benchmark {other:?}; known: datapath, mesh, ipam");
             std::process::exit(64);
         }
     }

@@ -35,7 +35,10 @@ fn main() {
     let mut agents: Vec<Agent> = hosts
         .iter()
         .enumerate()
-        .map(|(i, h)| Agent::launch(h, if i == 0 { &[] } else { std::slice::from_ref(&hosts[0].ip) }, &[]))
+        .map(|(i, h)| {
+            let peers = if i == 0 { vec![] } else { vec![hosts[0].ip] };
+            Agent::launch(h, &peers, &["--ipalloc-init", "consensus=3"])
+        })
         .collect();
     let meshed = wait_until(Duration::from_secs(30), || agents.iter().all(|a| a.established() == HOSTS - 1));
     if !meshed {
