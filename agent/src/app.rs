@@ -143,6 +143,9 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
 
     let version = mesh::now_micros();
     let table = Arc::new(EndpointTable::new(name, version));
+    let names = crate::dns::open_table(name, &store)?;
+    let (assert_tx, assert_rx) = tokio::sync::mpsc::unbounded_channel();
+    let names_gossiper = Arc::new(crate::dns::table::TableGossiper { table: names.clone(), assert_tx });
     let mut peers = args.peers.clone();
     let saved = store.update(|s| {
         for p in &args.peers {
@@ -170,6 +173,7 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
     let channels: Vec<(String, Arc<dyn mesh::Gossiper>)> = vec![
         (endpoints::CHANNEL.to_string(), table.clone()),
         (crate::ipam::CHANNEL.to_string(), ipam_gossiper),
+        (crate::dns::CHANNEL.to_string(), names_gossiper),
     ];
     let mesh = mesh::spawn(config, channels).await?;
 
@@ -178,6 +182,27 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
     // No discovery source yet: a gone peer is judged by the mesh alone.
     let (_discovery_tx, discovery_rx) = tokio::sync::watch::channel(None);
     let ipam = crate::ipam::spawn(ipam_config, ipam_pending, store.clone(), mesh.clone(), discovery_rx, shutdown.child_token());
+    let dns = if args.no_dns {
+        None
+    } else {
+        let dns = crate::dns::DnsHandle::start(
+            names.clone(),
+            assert_rx,
+            &args.dns_domain,
+            args.dns_ttl,
+            &args.resolv_conf,
+            &args.dns_listen_address,
+            mesh.clone(),
+            store.clone(),
+            shutdown.child_token(),
+        )
+        .await
+        .map_err(AppError::Usage)?;
+        Some(dns)
+    };
+    if !args.no_expose {
+        tokio::spawn(expose(dp.clone(), ipam.clone(), table.clone(), mesh.clone(), dns.clone(), shutdown.child_token()));
+    }
     // Three heartbeat timeouts for the mesh to re-form before the programmer may
     // remove what a previous run left programmed.
     let grace = config_heartbeat(args.heartbeat) * 15;
@@ -205,6 +230,7 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
         table: table.clone(),
         store: store.clone(),
         ipam: ipam.clone(),
+        dns: dns.clone(),
         shutdown: shutdown.clone(),
         reset: Arc::new(reset_tx),
         started,
@@ -232,6 +258,60 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
         warn!("the data-path programmer did not stop in time");
     }
     Ok(())
+}
+
+/// The endpoint id of the host's own overlay interface.
+pub const HOST_ENDPOINT: &str = "weft:host";
+/// Its name in the host.
+pub const HOST_IFNAME: &str = "weft";
+
+/// Gives this host an address on the overlay (Weave's `expose`): an endpoint
+/// whose other end is in the host's own namespace, so containers can reach the
+/// host and its DNS server. Waits for IPAM (which may wait for agreement).
+async fn expose(
+    dp: Arc<dyn Datapath>,
+    ipam: crate::ipam::IpamHandle,
+    table: Arc<EndpointTable>,
+    mesh: mesh::MeshHandle,
+    dns: Option<crate::dns::DnsHandle>,
+    cancel: CancellationToken,
+) {
+    let existing = dp.local_endpoints().await.ok().and_then(|eps| eps.into_iter().find(|e| e.id == HOST_ENDPOINT));
+    let addr = match existing {
+        Some(ep) => ep.addrs.first().copied(),
+        None => loop {
+            let got = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = ipam.allocate(HOST_ENDPOINT, None) => r,
+            };
+            match got {
+                Ok(net) => {
+                    let mut ep = crate::datapath::LocalEndpoint::new(HOST_ENDPOINT, "/proc/self/ns/net", vec![net]);
+                    ep.ifname = HOST_IFNAME.into();
+                    match dp.attach_endpoint(&ep).await {
+                        Ok(_) => {
+                            info!(address = %net, "this host is on the overlay as {HOST_IFNAME}");
+                            endpoints::announce_local(dp.as_ref(), &table, &mesh).await;
+                            break Some(net.addr());
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "cannot put this host on the overlay");
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "no overlay address for this host yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        },
+    };
+    if let (Some(dns), Some(addr)) = (dns, addr) {
+        if let Err(e) = dns.listen(std::net::SocketAddr::from((addr, 53))).await {
+            warn!(%addr, error = %e, "cannot serve DNS on the overlay address");
+        }
+    }
 }
 
 /// How many different peers were given (`host` and `host:6783` are one).

@@ -64,6 +64,14 @@ pub enum Command {
     },
     /// List the attached containers: id, MAC, addresses.
     Ps,
+    /// Add DNS names: `IP... CONTAINER` (its name) or `IP... -h FQDN`.
+    DnsAdd(DnsArgs),
+    /// Remove DNS names: `IP... CONTAINER`, `CONTAINER`, or `IP... -h FQDN`.
+    DnsRemove(DnsArgs),
+    /// Look a name up in the DNS table.
+    DnsLookup {
+        name: String,
+    },
 }
 
 /// `weft launch`.
@@ -145,6 +153,31 @@ pub struct LaunchArgs {
     #[arg(long, default_value = "30m", value_parser = parse_duration)]
     pub ipalloc_reclaim_after: MaybeDuration,
 
+    /// The DNS domain containers get names in.
+    #[arg(long, default_value = crate::dns::DEFAULT_DOMAIN)]
+    pub dns_domain: String,
+
+    /// TTL of DNS answers, seconds (short: clients ask again and spread out).
+    #[arg(long, default_value_t = crate::dns::DEFAULT_TTL)]
+    pub dns_ttl: u32,
+
+    /// Also serve DNS on this address (repeatable), e.g. 127.0.0.1:53.
+    #[arg(long)]
+    pub dns_listen_address: Vec<SocketAddr>,
+
+    /// Where the upstream resolvers are read from (re-read when it changes).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+
+    /// No DNS server.
+    #[arg(long)]
+    pub no_dns: bool,
+
+    /// Do not give this host an address on the overlay (it then cannot reach
+    /// containers, and DNS is served only on --dns-listen-address).
+    #[arg(long)]
+    pub no_expose: bool,
+
     /// Where identity and known peers are kept.
     #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
     pub state_dir: PathBuf,
@@ -188,6 +221,26 @@ pub struct AttachArgs {
     /// Do not route multicast (224.0.0.0/4) through the interface.
     #[arg(long)]
     pub no_multicast_route: bool,
+
+    /// Register this name in DNS for the container's addresses.
+    #[arg(long)]
+    pub dns_name: Option<String>,
+}
+
+/// `weft dns-add` / `weft dns-remove` (Weave's `-h FQDN`, so help is `--help`).
+#[derive(Debug, Args)]
+#[command(disable_help_flag = true)]
+pub struct DnsArgs {
+    /// Addresses, then (optionally) a container.
+    pub args: Vec<String>,
+
+    /// A hostname instead of the container's name.
+    #[arg(short = 'h', long = "hostname")]
+    pub hostname: Option<String>,
+
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
 }
 
 /// A duration, or none (`never`).

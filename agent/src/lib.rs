@@ -12,6 +12,7 @@ pub mod api;
 pub mod app;
 pub mod cli;
 pub mod datapath;
+pub mod dns;
 pub mod endpoints;
 pub mod ipam;
 pub mod mesh;

@@ -89,6 +89,7 @@ async fn run_client(api: std::net::SocketAddr, command: Command) -> Result<Strin
                 addrs: a.addrs,
                 ifname: Some(a.ifname),
                 no_multicast_route: a.no_multicast_route,
+                dns_name: a.dns_name,
             };
             client::request(api, Method::POST, "/attach", Some(client::json(&req))).await
         }
@@ -100,6 +101,11 @@ async fn run_client(api: std::net::SocketAddr, command: Command) -> Result<Strin
             client::request(api, Method::DELETE, &format!("/peer/{}", url_segment(&peer)), None).await
         }
         Command::Reset => client::request(api, Method::POST, "/reset", None).await,
+        Command::DnsAdd(a) => dns_change(api, a, true).await,
+        Command::DnsRemove(a) => dns_change(api, a, false).await,
+        Command::DnsLookup { name } => {
+            client::request(api, Method::GET, &format!("/name/{}", url_segment(&name)), None).await
+        }
     }
 }
 
@@ -118,4 +124,35 @@ fn url_segment(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// `weft dns-add` / `dns-remove`: `IP... [CONTAINER] [-h FQDN]` (Weave's form).
+async fn dns_change(api: std::net::SocketAddr, a: weft::cli::DnsArgs, add: bool) -> Result<String, ClientError> {
+    let (ips, rest): (Vec<&String>, Vec<&String>) = a.args.iter().partition(|x| x.parse::<std::net::Ipv4Addr>().is_ok());
+    if rest.len() > 1 {
+        return Err(ClientError::Refused(format!("too many arguments: {rest:?}; give IP... [CONTAINER] [-h NAME]")));
+    }
+    let container = rest.first().map(|s| s.as_str()).unwrap_or("weave:extern");
+    if rest.is_empty() && a.hostname.is_none() {
+        return Err(ClientError::Refused("give a container or -h NAME".into()));
+    }
+    let mut ips: Vec<String> = ips.into_iter().cloned().collect();
+    if ips.is_empty() && add {
+        // The container's own addresses.
+        let body = client::request(api, Method::GET, &format!("/ip/{}", url_segment(container)), None).await?;
+        ips = body.lines().filter_map(|l| l.split('/').next()).map(str::to_string).collect();
+    }
+    if ips.is_empty() {
+        return client::request(api, Method::DELETE, &format!("/name/{}", url_segment(container)), None).await;
+    }
+    let name = a.hostname.clone().unwrap_or_else(|| container.to_string());
+    for ip in ips {
+        let mut path = format!("/name/{}/{ip}", url_segment(container));
+        if add || a.hostname.is_some() {
+            path.push_str(&format!("?fqdn={}", url_segment(&name)));
+        }
+        let method = if add { Method::PUT } else { Method::DELETE };
+        client::request(api, method, &path, None).await?;
+    }
+    Ok(String::new())
 }

@@ -25,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
     "nftables",
     "dnsutils",
+    "dnsmasq-base",
+    "dnsperf",
     "procps",
 ];
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Form, Path, State};
+use axum::extract::{Form, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -36,6 +36,8 @@ pub struct Ctx {
     pub table: Arc<EndpointTable>,
     pub store: Arc<StateStore>,
     pub ipam: IpamHandle,
+    /// `None` with `--no-dns`.
+    pub dns: Option<crate::dns::DnsHandle>,
     pub shutdown: CancellationToken,
     /// Set by `/reset`: the agent removes its data path and state as it stops.
     pub reset: Arc<tokio::sync::watch::Sender<bool>>,
@@ -93,6 +95,8 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/ip/{id}/{addr}", put(ip_claim))
         .route("/ip/{id}/{net}/{prefix}", post(ip_allocate_in))
         .route("/peer/{peer}", delete(rmpeer))
+        .route("/name/{container}/{ip}", put(dns_add).delete(dns_remove))
+        .route("/name/{name}", get(dns_lookup).delete(dns_remove_container))
         .route("/reset", post(reset))
         .with_state(ctx)
 }
@@ -125,9 +129,13 @@ async fn status_of(State(ctx): State<Ctx>, Path(what): Path<String>) -> Result<R
         "endpoints" => render::endpoint_table(&ctx.table.all(), &status),
         "datapath" => render::datapath(&ctx.dp.stats().await.map_err(internal)?),
         "ipam" => render::ipam(&ctx.ipam.status().await.map_err(internal)?),
+        "dns" => match &ctx.dns {
+            Some(dns) => render::dns(dns, &status),
+            None => "DNS is off (--no-dns)\n".to_string(),
+        },
         other => {
             return Err(bad_request(format!(
-                "unknown status {other:?}: use peers, connections, targets, endpoints, datapath or ipam"
+                "unknown status {other:?}: use peers, connections, targets, endpoints, datapath, ipam or dns"
             )));
         }
     }))
@@ -252,6 +260,9 @@ pub struct AttachRequest {
     /// Skip the route for multicast (224.0.0.0/4) through the interface.
     #[serde(default)]
     pub no_multicast_route: bool,
+    /// A DNS name for the container's addresses.
+    #[serde(default)]
+    pub dns_name: Option<String>,
 }
 
 /// The multicast range, routed through `ethwe` by default (as Weave did).
@@ -340,12 +351,18 @@ async fn attach(State(ctx): State<Ctx>, Json(req): Json<AttachRequest>) -> Resul
         }
     };
     endpoints::announce_local(ctx.dp.as_ref(), &ctx.table, &ctx.mesh).await;
+    if let (Some(dns), Some(name)) = (&ctx.dns, &req.dns_name) {
+        dns.add(&id, &attached.addrs, name).await;
+    }
     Ok(text(render::ps(&[attached])))
 }
 
 async fn detach(State(ctx): State<Ctx>, Json(req): Json<DetachRequest>) -> Result<Response, ApiError> {
     ctx.dp.detach_endpoint(&req.id).await.map_err(|e| bad_request(e.to_string()))?;
     ctx.ipam.release(&req.id).await.map_err(ipam_error)?;
+    if let Some(dns) = &ctx.dns {
+        dns.remove(&req.id, None, None).await;
+    }
     endpoints::announce_local(ctx.dp.as_ref(), &ctx.table, &ctx.mesh).await;
     Ok(text(String::new()))
 }
@@ -410,4 +427,54 @@ async fn reset(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
 
 async fn ps(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
     Ok(text(render::ps(&ctx.dp.local_endpoints().await.map_err(internal)?)))
+}
+
+fn dns_of(ctx: &Ctx) -> Result<&crate::dns::DnsHandle, ApiError> {
+    ctx.dns.as_ref().ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "DNS is off (--no-dns)".into()))
+}
+
+fn parse_ip(ip: &str) -> Result<std::net::Ipv4Addr, ApiError> {
+    ip.parse().map_err(|_| bad_request(format!("invalid address {ip:?}")))
+}
+
+/// `PUT /name/{container}/{ip}?fqdn=NAME` (Weave's API).
+async fn dns_add(
+    State(ctx): State<Ctx>,
+    Path((container, ip)): Path<(String, String)>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let dns = dns_of(&ctx)?;
+    let name = q.get("fqdn").filter(|n| !n.trim().is_empty()).ok_or_else(|| bad_request("give the name: ?fqdn=NAME"))?;
+    if name.len() > 253 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_') {
+        return Err(bad_request(format!("invalid DNS name {name:?}")));
+    }
+    dns.add(&container, &[parse_ip(&ip)?], name).await;
+    Ok(text(String::new()))
+}
+
+/// `DELETE /name/{container}/{ip}[?fqdn=NAME]`.
+async fn dns_remove(
+    State(ctx): State<Ctx>,
+    Path((container, ip)): Path<(String, String)>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let dns = dns_of(&ctx)?;
+    dns.remove(&container, Some(parse_ip(&ip)?), q.get("fqdn").map(String::as_str)).await;
+    Ok(text(String::new()))
+}
+
+/// `DELETE /name/{container}`: all of its names.
+async fn dns_remove_container(State(ctx): State<Ctx>, Path(container): Path<String>) -> Result<Response, ApiError> {
+    dns_of(&ctx)?.remove(&container, None, None).await;
+    Ok(text(String::new()))
+}
+
+/// `GET /name/{name}`: the addresses of a name.
+async fn dns_lookup(State(ctx): State<Ctx>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let dns = dns_of(&ctx)?;
+    let fqdn = dns.fqdn(&name);
+    match dns.table.index().by_name.get(&fqdn) {
+        Some(addrs) => Ok(text(addrs.iter().map(|a| format!("{a}\n")).collect())),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("{fqdn} not found"))),
+    }
 }

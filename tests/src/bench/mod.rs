@@ -2,6 +2,7 @@
 //! in one run, interleaved, and ends with one line `bench NAME: key=value ...`.
 
 pub mod datapath;
+pub mod dns;
 pub mod ipam;
 pub mod mesh;
 

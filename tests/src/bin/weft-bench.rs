@@ -16,8 +16,9 @@ fn main() {
         ),
         "mesh" => weft_tests::bench::mesh::run_bench(),
         "ipam" => weft_tests::bench::ipam::run_bench(),
+        "dns" => weft_tests::bench::dns::run_bench(env_u32("WEFT_BENCH_ROUNDS", 3), env_u32("WEFT_BENCH_SECONDS", 3)),
         other => {
-            eprintln!("unknown benchmark {other:?}; known: datapath, mesh, ipam");
+            eprintln!("unknown benchmark {other:?}; known: datapath, mesh, ipam, dns");
             std::process::exit(64);
         }
     }
