@@ -10,12 +10,14 @@ use std::time::Duration;
 use weft_tests::agent::{Agent, weft_in, weft_unprivileged};
 use weft_tests::{Capture, Host, Netns, Underlay, on_thread_in, root_or_skip, tcp_transfer, wait_until};
 
+/// A fixed container address per host, away from the starts of the ring's
+/// ranges (where each host's own overlay address is allocated).
 fn overlay_addr(h: usize) -> String {
-    format!("10.{}.0.1/12", 32 + h)
+    format!("10.{}.100.1/12", 32 + h)
 }
 
 fn overlay_ip(h: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 32 + h as u8, 0, 1)
+    Ipv4Addr::new(10, 32 + h as u8, 100, 1)
 }
 
 /// `n` hosts on a LAN, each with an agent (all given the first host as peer) and
@@ -55,7 +57,12 @@ fn wait_mesh(agents: &[&Agent]) {
 fn wait_full_mesh(agents: &[Agent]) {
     let n = agents.len();
     let ok = wait_until(Duration::from_secs(30), || {
-        agents.iter().all(|a| a.peers().len() == n && a.established() == n - 1 && a.dp_remotes().len() == n - 1)
+        agents.iter().enumerate().all(|(i, a)| {
+            let remotes = a.dp_remotes();
+            a.peers().len() == n
+                && a.established() == n - 1
+                && (0..n).filter(|j| *j != i).all(|j| remotes.contains(&overlay_ip(j).to_string()))
+        })
     });
     if !ok {
         for a in agents {
@@ -147,7 +154,7 @@ fn a_line_relays_through_the_middle() {
     wait_mesh(&[&agent_a, &agent_b, &agent_c]);
     agent_a.attach(&ka, &overlay_addr(0));
     agent_c.attach(&kc, &overlay_addr(2));
-    let relayed = wait_until(Duration::from_secs(30), || agent_a.dp_remotes().contains(&"10.34.0.1".to_string()));
+    let relayed = wait_until(Duration::from_secs(30), || agent_a.dp_remotes().contains(&overlay_ip(2).to_string()));
     assert!(relayed, "A learns C's endpoint through B:\n{}", agent_a.cli(&["status", "peers"]));
     let hosts = agent_a.dp_hosts();
     assert!(hosts.contains(&(c.ip.to_string(), b_for_a.to_string())), "A reaches C through B: {hosts:?}");
@@ -177,7 +184,7 @@ fn a_killed_agent_leaves_everyones_status_and_data_path_and_rejoins() {
         agents[..2].iter().all(|a| {
             !a.peers().contains(&victim)
                 && !a.dp_hosts().iter().any(|(h, _)| *h == victim_host)
-                && !a.dp_remotes().contains(&"10.34.0.1".to_string())
+                && !a.dp_remotes().contains(&overlay_ip(2).to_string())
         })
     });
     assert!(gone, "the killed peer is gone from status and data path on every other peer");
@@ -185,7 +192,7 @@ fn a_killed_agent_leaves_everyones_status_and_data_path_and_rejoins() {
 
     agents[2].start();
     let back = wait_until(Duration::from_secs(30), || {
-        agents[..2].iter().all(|a| a.peers().contains(&victim) && a.dp_remotes().contains(&"10.34.0.1".to_string()))
+        agents[..2].iter().all(|a| a.peers().contains(&victim) && a.dp_remotes().contains(&overlay_ip(2).to_string()))
     });
     assert!(back, "it rejoins on restart, with its endpoint (found again in the kernel)");
     assert!(containers[0].ping_within(overlay_ip(2), Duration::from_secs(5)));
@@ -463,11 +470,11 @@ fn multicast_reaches_every_member_once_on_every_host() {
     wait_full_mesh(&agents);
     // A second container on the sender's host: same-host copies too.
     let neighbour = Netns::new("kn");
-    agents[0].attach(&neighbour, "10.32.0.2/12");
-    assert!(wait_until(Duration::from_secs(10), || agents[1].dp_remotes().contains(&"10.32.0.2".to_string())));
+    agents[0].attach(&neighbour, "10.32.100.2/12");
+    assert!(wait_until(Duration::from_secs(10), || agents[1].dp_remotes().contains(&"10.32.100.2".to_string())));
     std::thread::sleep(Duration::from_millis(500));
     let group = Ipv4Addr::new(239, 1, 2, 3);
-    let receivers: Vec<_> = [(&containers[1], overlay_ip(1)), (&containers[2], overlay_ip(2)), (&neighbour, Ipv4Addr::new(10, 32, 0, 2))]
+    let receivers: Vec<_> = [(&containers[1], overlay_ip(1)), (&containers[2], overlay_ip(2)), (&neighbour, Ipv4Addr::new(10, 32, 100, 2))]
         .iter()
         .map(|(ns, ip)| multicast_receiver(ns, group, *ip, "weft-mcast"))
         .collect();
@@ -498,7 +505,11 @@ fn multicast_follows_the_broadcast_tree_through_a_relay() {
     agent_a.attach(&ka, &overlay_addr(0));
     agent_b.attach(&kb, &overlay_addr(1));
     agent_c.attach(&kc, &overlay_addr(2));
-    assert!(wait_until(Duration::from_secs(30), || agent_a.dp_remotes().len() == 2 && agent_c.dp_remotes().len() == 2));
+    let knows = |a: &Agent, others: [usize; 2]| {
+        let r = a.dp_remotes();
+        others.iter().all(|j| r.contains(&overlay_ip(*j).to_string()))
+    };
+    assert!(wait_until(Duration::from_secs(30), || knows(&agent_a, [1, 2]) && knows(&agent_c, [0, 1])));
     std::thread::sleep(Duration::from_millis(500));
     let group = Ipv4Addr::new(239, 9, 9, 9);
     let rb = multicast_receiver(&kb, group, overlay_ip(1), "tree");

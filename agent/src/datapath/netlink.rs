@@ -112,6 +112,9 @@ pub struct Route {
 #[derive(Clone, Debug)]
 pub struct Netlink {
     handle: Handle,
+    /// One dump at a time: the kernel answers a second dump on a socket that is
+    /// still dumping with EBUSY, and this connection is shared by every task.
+    dumping: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Netlink {
@@ -120,7 +123,7 @@ impl Netlink {
     pub fn connect() -> Result<Self> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
         tokio::spawn(conn);
-        Ok(Netlink { handle })
+        Ok(Netlink { handle, dumping: Default::default() })
     }
 
     /// The link called `name`, if any.
@@ -153,6 +156,7 @@ impl Netlink {
 
     /// Every link of the namespace.
     pub async fn links(&self) -> Result<Vec<Link>> {
+        let _one_dump = self.dumping.lock().await;
         let msgs: Vec<LinkMessage> =
             self.handle.link().get().execute().try_collect().await.map_err(req("list links"))?;
         Ok(msgs.iter().map(Link::from_message).collect())
@@ -258,6 +262,7 @@ impl Netlink {
 
     /// The IPv4 addresses of a link, with prefixes.
     pub async fn ipv4_addresses(&self, index: u32) -> Result<Vec<Ipv4Net>> {
+        let _one_dump = self.dumping.lock().await;
         let msgs: Vec<_> = self
             .handle
             .address()
@@ -300,6 +305,7 @@ impl Netlink {
 
     /// The IPv4 routes of every table.
     pub async fn routes(&self) -> Result<Vec<Route>> {
+        let _one_dump = self.dumping.lock().await;
         let msgs: Vec<RouteMessage> = self
             .handle
             .route()

@@ -62,7 +62,12 @@ fn main() {
         }
     }
     let n = containers.len();
-    let known = wait_until(Duration::from_secs(20), || agents.iter().all(|a| a.dp_remotes().len() == n - PER_HOST));
+    let known = wait_until(Duration::from_secs(20), || {
+        agents.iter().enumerate().all(|(h, a)| {
+            let r = a.dp_remotes();
+            containers.iter().filter(|c| c.host != h).all(|c| r.contains(&c.addr.to_string()))
+        })
+    });
     println!("  every host's data path knows the {n} endpoints: {known}");
 
     step("ping, every pair (same host and across hosts)");
