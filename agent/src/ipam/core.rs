@@ -345,6 +345,7 @@ impl Ipam {
                 out.push(Effect::Gossip);
             }
         }
+        self.take_chosen(out);
     }
 
     /// Proposes again with a higher round (the shell's timer calls this while the
@@ -358,6 +359,18 @@ impl Ipam {
                 out.push(Effect::Gossip);
             }
         }
+        self.take_chosen(out);
+    }
+
+    /// Once agreement is reached (by gossip, or at once with `consensus=1`), the
+    /// chosen peers divide the range. Returns whether it happened now.
+    fn take_chosen(&mut self, out: &mut Vec<Effect>) -> bool {
+        let Some(value) = self.paxos.as_ref().and_then(Paxos::chosen) else { return false };
+        self.ring.claim_for_peers(&value);
+        self.paxos = None;
+        out.push(Effect::Persist);
+        out.push(Effect::Gossip);
+        true
     }
 
     /// Allocates an address for `id` in `subnet` (the default subnet if `None`).
@@ -376,6 +389,8 @@ impl Ipam {
         }
         if self.ring.is_empty() {
             self.want_ring(out);
+        }
+        if self.ring.is_empty() {
             return Ok(Outcome::Wait("agreement on the address space"));
         }
         for (s, e) in self.my_spans(subnet) {
@@ -452,6 +467,8 @@ impl Ipam {
         }
         if self.ring.is_empty() {
             self.want_ring(out);
+        }
+        if self.ring.is_empty() {
             return Ok(Outcome::Wait("agreement on the address space"));
         }
         let owner = self.ring.owner_of(a).expect("a decided ring covers its range");
@@ -552,13 +569,7 @@ impl Ipam {
                 out.push(Effect::Gossip);
             }
             changed |= merged || stepped;
-            if let Some(value) = p.chosen() {
-                self.ring.claim_for_peers(&value);
-                self.paxos = None;
-                out.push(Effect::Persist);
-                out.push(Effect::Gossip);
-                changed = true;
-            }
+            changed |= self.take_chosen(out);
         }
         if changed {
             self.asking.retain(|_, a| a.pending.is_some());
@@ -719,6 +730,15 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_lone_peer_with_consensus_one_decides_alone() {
+        let range = net("10.32.0.0/28");
+        let mut ipam = Ipam::new(p(0), range, range, Init::Consensus(1));
+        let mut out = Vec::new();
+        let got = ipam.allocate("c0", None, &BTreeSet::from([p(0)]), &mut out).unwrap();
+        assert_eq!(got, Outcome::Done(Ipv4Addr::new(10, 32, 0, 1)), "no one to gossip with: decided at once");
     }
 
     #[test]
