@@ -148,6 +148,9 @@ pub struct EbpfDatapath {
     vxlan: Link,
     progs: Mutex<Programs>,
     maps: Mutex<Maps>,
+    /// Serialises attaching, detaching and pruning endpoints: a prune must not
+    /// take the entries of an endpoint being attached for a vanished one's.
+    endpoint_ops: tokio::sync::Mutex<()>,
 }
 
 fn bpf_err(op: impl Into<String>) -> impl FnOnce(&dyn std::fmt::Display) -> DatapathError {
@@ -264,6 +267,7 @@ impl EbpfDatapath {
             vxlan,
             progs: Mutex::new(progs),
             maps: Mutex::new(maps),
+            endpoint_ops: tokio::sync::Mutex::new(()),
         };
         if dp.opts.encap == Encap::Direct {
             dp.ensure_underlay(dp.underlay.index).await?;
@@ -295,17 +299,33 @@ impl EbpfDatapath {
     /// (re)attached, links and entries of vanished ones are dropped, peers get the
     /// current encapsulation mode.
     async fn reconcile(&self) -> Result<(), DatapathError> {
-        let links = self.nl.links().await?;
-        let ours: Vec<&Link> = links
-            .iter()
-            .filter(|l| l.alias.as_deref().is_some_and(|a| a.starts_with(ALIAS_PREFIX)))
-            .collect();
+        let ours = self.prune_vanished().await?;
         {
             let mut progs = self.progs.lock().expect("progs lock");
             for link in &ours {
                 attach(&mut progs.endpoint, &link.name, &self.link_pin(&link.name))?;
             }
         }
+        let peers: Vec<(Ip4, Peer)> = {
+            let maps = self.maps.lock().expect("maps lock");
+            maps.peers.iter().filter_map(Result::ok).collect()
+        };
+        // Routes or the mode may have changed while no agent ran.
+        for (host, peer) in peers {
+            self.set_peer(host.into(), peer.next_hop.into()).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops what is left of endpoints whose veth vanished (a container's
+    /// namespace went, and its veth with it): link pins, address entries, slots in
+    /// the multicast list. Returns the endpoint links that exist.
+    async fn prune_vanished(&self) -> Result<Vec<Link>, DatapathError> {
+        let links = self.nl.links().await?;
+        let ours: Vec<Link> = links
+            .into_iter()
+            .filter(|l| l.alias.as_deref().is_some_and(|a| a.starts_with(ALIAS_PREFIX)))
+            .collect();
         let links_dir = self.pin_dir.join("links");
         let entries = std::fs::read_dir(&links_dir).map_err(io_err("read", &links_dir))?;
         for entry in entries.flatten() {
@@ -343,13 +363,7 @@ impl EbpfDatapath {
             let value = wanted.get(slot as usize).copied().unwrap_or_default();
             maps.local_eps.set(slot, value, 0).map_err(|e| aya_err("update LOCAL_EPS", e))?;
         }
-        let peers: Vec<(Ip4, Peer)> = maps.peers.iter().filter_map(Result::ok).collect();
-        drop(maps);
-        // Routes or the mode may have changed while no agent ran.
-        for (host, peer) in peers {
-            self.set_peer(host.into(), peer.next_hop.into()).await?;
-        }
-        Ok(())
+        Ok(ours)
     }
 
     /// Runs the underlay program on device `ifindex` and teaches it the device's
@@ -442,12 +456,14 @@ impl EbpfDatapath {
             let nl = Netlink::connect()?;
             let inner = nl.require_link(&ifname).await?;
             disable_ipv6(&ifname);
-            for net in addrs {
-                nl.add_address(inner.index, net).await?;
-            }
+            // Up, routes, then addresses: an application waiting for the
+            // interface to have an address (weft-wait) finds it complete.
             nl.set_up(inner.index).await?;
             for route in routes {
                 nl.add_route(route, inner.index).await?;
+            }
+            for net in addrs {
+                nl.add_address(inner.index, net).await?;
             }
             Ok::<_, DatapathError>(())
         })
@@ -509,6 +525,7 @@ impl Datapath for EbpfDatapath {
             return Err(fail("the interface name must be 1 to 15 characters, no '/' or space"));
         }
         let host_name = host_ifname(&ep.id);
+        let _ops = self.endpoint_ops.lock().await;
         if let Some(existing) = self.nl.link(&host_name).await? {
             return Err(fail(&format!("already attached (host interface {})", existing.name)));
         }
@@ -534,8 +551,11 @@ impl Datapath for EbpfDatapath {
 
     async fn detach_endpoint(&self, id: &str) -> Result<(), DatapathError> {
         let host_name = host_ifname(id);
+        let _ops = self.endpoint_ops.lock().await;
         let Some(link) = self.nl.link(&host_name).await? else {
-            return Err(DatapathError::Endpoint { id: id.into(), reason: "not attached".into() });
+            // Its veth went with the container's namespace: clear what is left.
+            self.prune_vanished().await?;
+            return Ok(());
         };
         self.remove_local_entries(link.index)?;
         let pin = self.link_pin(&host_name);

@@ -168,6 +168,8 @@ pub trait Datapath: Send + Sync {
     async fn attach_endpoint(&self, ep: &LocalEndpoint) -> Result<AttachedEndpoint, DatapathError>;
 
     /// Removes an endpoint: its traffic stops and its interface is deleted.
+    /// Idempotent: for an endpoint whose interface vanished (its namespace went)
+    /// what is left of it is cleared.
     async fn detach_endpoint(&self, id: &str) -> Result<(), DatapathError>;
 
     /// The endpoints attached on this host (also those found at start-up).
