@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::{self, AgentInfo, Ctx};
+use crate::attach::{AttachError, Attacher, Spec};
 use crate::cli::LaunchArgs;
 use crate::datapath::ebpf::{EbpfDatapath, EbpfOptions};
 use crate::datapath::netlink::Netlink;
@@ -200,9 +201,25 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
         .map_err(AppError::Usage)?;
         Some(dns)
     };
+    let attacher = Attacher {
+        dp: dp.clone(),
+        ipam: ipam.clone(),
+        table: table.clone(),
+        mesh: mesh.clone(),
+        dns: dns.clone(),
+        range: args.ipalloc_range,
+    };
+    // This host's overlay address: where containers find weft's DNS.
+    let (host_addr_tx, host_addr_rx) = tokio::sync::watch::channel(None);
     if !args.no_expose {
-        tokio::spawn(expose(dp.clone(), ipam.clone(), table.clone(), mesh.clone(), dns.clone(), shutdown.child_token()));
+        tokio::spawn(expose(attacher.clone(), host_addr_tx, shutdown.child_token()));
     }
+    let docker = if args.no_docker {
+        None
+    } else {
+        let dns_server = if dns.is_some() { host_addr_rx } else { tokio::sync::watch::channel(None).1 };
+        Some(start_docker(&args, attacher.clone(), dns_server, shutdown.child_token()).await?)
+    };
     // Three heartbeat timeouts for the mesh to re-form before the programmer may
     // remove what a previous run left programmed.
     let grace = config_heartbeat(args.heartbeat) * 15;
@@ -231,6 +248,8 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
         store: store.clone(),
         ipam: ipam.clone(),
         dns: dns.clone(),
+        attacher,
+        docker,
         shutdown: shutdown.clone(),
         reset: Arc::new(reset_tx),
         started,
@@ -268,50 +287,72 @@ pub const HOST_IFNAME: &str = "weft";
 /// Gives this host an address on the overlay (Weave's `expose`): an endpoint
 /// whose other end is in the host's own namespace, so containers can reach the
 /// host and its DNS server. Waits for IPAM (which may wait for agreement).
-async fn expose(
-    dp: Arc<dyn Datapath>,
-    ipam: crate::ipam::IpamHandle,
-    table: Arc<EndpointTable>,
-    mesh: mesh::MeshHandle,
-    dns: Option<crate::dns::DnsHandle>,
-    cancel: CancellationToken,
-) {
-    let existing = dp.local_endpoints().await.ok().and_then(|eps| eps.into_iter().find(|e| e.id == HOST_ENDPOINT));
+async fn expose(a: Attacher, addr_tx: tokio::sync::watch::Sender<Option<std::net::Ipv4Addr>>, cancel: CancellationToken) {
+    let existing = a.dp.local_endpoints().await.ok().and_then(|eps| eps.into_iter().find(|e| e.id == HOST_ENDPOINT));
     let addr = match existing {
         Some(ep) => ep.addrs.first().copied(),
         None => loop {
+            let mut spec = Spec::new(HOST_ENDPOINT, "/proc/self/ns/net");
+            spec.ifname = HOST_IFNAME.into();
+            spec.multicast_route = false;
             let got = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = ipam.allocate(HOST_ENDPOINT, None) => r,
+                r = a.attach(&spec) => r,
             };
             match got {
-                Ok(net) => {
-                    let mut ep = crate::datapath::LocalEndpoint::new(HOST_ENDPOINT, "/proc/self/ns/net", vec![net]);
-                    ep.ifname = HOST_IFNAME.into();
-                    match dp.attach_endpoint(&ep).await {
-                        Ok(_) => {
-                            info!(address = %net, "this host is on the overlay as {HOST_IFNAME}");
-                            endpoints::announce_local(dp.as_ref(), &table, &mesh).await;
-                            break Some(net.addr());
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "cannot put this host on the overlay");
-                            return;
-                        }
-                    }
+                Ok(ep) => {
+                    info!(addresses = ?ep.addrs, "this host is on the overlay as {HOST_IFNAME}");
+                    break ep.addrs.first().copied();
                 }
-                Err(e) => {
+                Err(AttachError::Unavailable(e)) => {
                     warn!(error = %e, "no overlay address for this host yet; retrying");
                     tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                Err(AttachError::Invalid(e)) => {
+                    warn!(error = %e, "cannot put this host on the overlay");
+                    return;
                 }
             }
         },
     };
-    if let (Some(dns), Some(addr)) = (dns, addr) {
+    if let (Some(dns), Some(addr)) = (&a.dns, addr) {
         if let Err(e) = dns.listen(std::net::SocketAddr::from((addr, 53))).await {
             warn!(%addr, error = %e, "cannot serve DNS on the overlay address");
+            return;
         }
     }
+    let _ = addr_tx.send(addr);
+}
+
+/// The Docker watcher and proxy, with weft-wait installed in the state directory.
+async fn start_docker(
+    args: &LaunchArgs,
+    attacher: Attacher,
+    dns_server: tokio::sync::watch::Receiver<Option<std::net::Ipv4Addr>>,
+    cancel: CancellationToken,
+) -> Result<crate::docker::DockerHandle, AppError> {
+    let socket = args.docker_host.strip_prefix("unix://").ok_or_else(|| {
+        AppError::Usage(format!("--docker-host {}: only unix:///PATH sockets are supported", args.docker_host))
+    })?;
+    let wait_binary = match crate::docker::install_wait_binary(&args.state_dir) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            warn!(error = %e, dir = %args.state_dir.display(), "cannot install weft-wait: containers created through the proxy will not wait for ethwe");
+            None
+        }
+    };
+    let config = crate::docker::DockerConfig {
+        socket: socket.into(),
+        proxy: if args.no_proxy { Vec::new() } else { args.proxy_listen.clone() },
+        naming: crate::docker::container::Naming {
+            domain: args.dns_domain.clone(),
+            hostname_from_label: args.hostname_from_label.clone(),
+        },
+        multicast_route: !args.no_multicast_route,
+        rewrite_hosts: !args.no_rewrite_hosts,
+        wait_binary,
+    };
+    crate::docker::start(config, attacher, dns_server, cancel).await.map_err(AppError::Usage)
 }
 
 /// How many different peers were given (`host` and `host:6783` are one).

@@ -47,7 +47,8 @@ pub enum Command {
     },
     /// Everything the agent knows, as JSON.
     Report,
-    /// Attach a container (network namespace) to the overlay.
+    /// Attach a container to the overlay: `[ADDR...] CONTAINER` (a Docker
+    /// container's name or id), or `--netns NS [ADDR...]` (any namespace).
     Attach(AttachArgs),
     /// Take over the address space of a peer that is gone for good.
     Rmpeer {
@@ -57,13 +58,22 @@ pub enum Command {
     /// Leave the network for good: hand this peer's addresses to another peer,
     /// remove the data path and the state, and stop.
     Reset,
-    /// Detach a container from the overlay.
+    /// Detach a container from the overlay (its addresses are released).
     Detach {
-        /// The id given at attach (or the namespace's name).
+        /// A Docker container's name or id, or the id given at `attach --netns`.
         id: String,
     },
-    /// List the attached containers: id, MAC, addresses.
+    /// List the attached containers: id, MAC, addresses (and Docker name).
     Ps,
+    /// Print the `export DOCKER_HOST=...` that sends the docker CLI through
+    /// weft's Docker API proxy: `eval $(weft env)`.
+    Env {
+        /// Print the command that restores the previous DOCKER_HOST instead.
+        #[arg(long)]
+        restore: bool,
+    },
+    /// Print the docker CLI flag for the proxy: `docker $(weft config) ps`.
+    Config,
     /// Add DNS names: `IP... CONTAINER` (its name) or `IP... -h FQDN`.
     DnsAdd(DnsArgs),
     /// Remove DNS names: `IP... CONTAINER`, `CONTAINER`, or `IP... -h FQDN`.
@@ -194,6 +204,36 @@ pub struct LaunchArgs {
     #[arg(long, default_value_t = 1.0)]
     pub heartbeat: f64,
 
+    /// Docker's API socket: containers it starts are attached.
+    #[arg(long, env = "WEFT_DOCKER_HOST", default_value = crate::docker::DEFAULT_DOCKER_HOST)]
+    pub docker_host: String,
+
+    /// No Docker integration (no event watcher, no proxy).
+    #[arg(long)]
+    pub no_docker: bool,
+
+    /// Where the Docker API proxy listens (repeatable): unix:///PATH or
+    /// tcp://ADDRESS:PORT.
+    #[arg(long, default_value = crate::docker::DEFAULT_PROXY)]
+    pub proxy_listen: Vec<crate::docker::Listen>,
+
+    /// No Docker API proxy (containers are still attached from Docker's events).
+    #[arg(long)]
+    pub no_proxy: bool,
+
+    /// Name containers in DNS after this label when they have it, e.g.
+    /// com.amazonaws.ecs.container-name on ECS.
+    #[arg(long)]
+    pub hostname_from_label: Option<String>,
+
+    /// Do not route multicast (224.0.0.0/4) through containers' ethwe.
+    #[arg(long)]
+    pub no_multicast_route: bool,
+
+    /// Leave containers' /etc/hosts as Docker wrote it.
+    #[arg(long)]
+    pub no_rewrite_hosts: bool,
+
     /// Log filter (tracing syntax), e.g. info,weft=debug.
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     pub log: String,
@@ -202,17 +242,20 @@ pub struct LaunchArgs {
 /// `weft attach`.
 #[derive(Debug, Args)]
 pub struct AttachArgs {
-    /// The container's network namespace: a path (/proc/PID/ns/net, /run/netns/NAME) or a name in /run/netns.
+    /// A network namespace instead of a Docker container: a path
+    /// (/proc/PID/ns/net, /run/netns/NAME) or a name in /run/netns.
     #[arg(long)]
-    pub netns: String,
+    pub netns: Option<String>,
 
-    /// An id for the endpoint; default: the namespace's name.
+    /// An id for the endpoint (with --netns); default: the namespace's name.
     #[arg(long)]
     pub id: Option<String>,
 
-    /// Addresses with prefix, e.g. 10.32.1.5/12; `net:CIDR` for one allocated in
-    /// a subnet; none for one allocated in the default subnet.
-    pub addrs: Vec<String>,
+    /// Addresses, then the container (without --netns). An address is
+    /// 10.32.1.5/12 (that one), net:CIDR (one allocated in a subnet) or
+    /// net:default; none given: one allocated in the default subnet.
+    #[arg(required_unless_present = "netns")]
+    pub args: Vec<String>,
 
     /// Interface name inside the container.
     #[arg(long, default_value = crate::datapath::DEFAULT_ENDPOINT_IFNAME)]

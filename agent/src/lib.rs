@@ -5,13 +5,18 @@
 //! - [`datapath`]: the kernel data path (eBPF TC programs + VXLAN) behind a trait.
 //! - [`mesh`]: peers, encrypted connections, topology gossip, gossip channels.
 //! - [`endpoints`]: the gossiped endpoint table and the data-path programmer.
+//! - [`ipam`]: distributed address allocation; [`dns`]: the gossiped name table
+//!   and its DNS server; [`attach`]: an endpoint with addresses and names.
+//! - [`docker`]: the Docker event watcher and API proxy.
 //! - [`api`]: the local HTTP API, status text and metrics; [`cli`] and the binary.
 //! - [`state`]: the state directory; [`app`] wires everything.
 
 pub mod api;
 pub mod app;
+pub mod attach;
 pub mod cli;
 pub mod datapath;
+pub mod docker;
 pub mod dns;
 pub mod endpoints;
 pub mod ipam;

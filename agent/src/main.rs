@@ -83,10 +83,13 @@ async fn run_client(api: std::net::SocketAddr, command: Command) -> Result<Strin
         },
         Command::Report => get("/report").await.map(|s| pretty_json(&s)),
         Command::Attach(a) => {
+            let mut args = a.args;
+            let container = if a.netns.is_none() { args.pop() } else { None };
             let req = AttachRequest {
+                container,
                 netns: a.netns,
                 id: a.id,
-                addrs: a.addrs,
+                addrs: args,
                 ifname: Some(a.ifname),
                 no_multicast_route: a.no_multicast_route,
                 dns_name: a.dns_name,
@@ -97,6 +100,20 @@ async fn run_client(api: std::net::SocketAddr, command: Command) -> Result<Strin
             client::request(api, Method::POST, "/detach", Some(client::json(&DetachRequest { id }))).await
         }
         Command::Ps => get("/ps").await,
+        Command::Env { restore } => {
+            if restore {
+                return Ok(match std::env::var("ORIG_DOCKER_HOST") {
+                    Ok(orig) if !orig.is_empty() => format!("export DOCKER_HOST={orig}\nunset ORIG_DOCKER_HOST\n"),
+                    _ => "unset DOCKER_HOST ORIG_DOCKER_HOST\n".to_string(),
+                });
+            }
+            let proxy = first_line(get("/proxy").await?);
+            let orig = std::env::var("DOCKER_HOST").unwrap_or_default();
+            // Run twice, `eval $(weft env)` must not remember the proxy as the original.
+            let orig = if orig == proxy { std::env::var("ORIG_DOCKER_HOST").unwrap_or_default() } else { orig };
+            Ok(format!("export DOCKER_HOST={proxy} ORIG_DOCKER_HOST={orig}\n"))
+        }
+        Command::Config => Ok(format!("-H={}\n", first_line(get("/proxy").await?))),
         Command::Rmpeer { peer } => {
             client::request(api, Method::DELETE, &format!("/peer/{}", url_segment(&peer)), None).await
         }
@@ -107,6 +124,10 @@ async fn run_client(api: std::net::SocketAddr, command: Command) -> Result<Strin
             client::request(api, Method::GET, &format!("/name/{}", url_segment(&name)), None).await
         }
     }
+}
+
+fn first_line(s: String) -> String {
+    s.lines().next().unwrap_or_default().to_string()
 }
 
 fn pretty_json(s: &str) -> String {

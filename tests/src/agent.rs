@@ -68,6 +68,11 @@ impl Agent {
                 args.push(v.into());
             }
         }
+        // Docker only where the test runs a dockerd for this host (the
+        // machine's own Docker, if any, is not the test's).
+        if !extra.contains(&"--docker-host") {
+            args.push("--no-docker".into());
+        }
         let state_dir = std::env::temp_dir().join(format!("{id}-state"));
         args.push("--state-dir".into());
         args.push(state_dir.display().to_string());

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod docker;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};

@@ -28,6 +28,12 @@ const PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "dnsperf",
     "procps",
+    // Docker: a real engine per simulated host; busybox is the test image.
+    "docker.io",
+    "containerd",
+    "runc",
+    "tini",
+    "busybox-static",
 ];
 
 fn main() -> ExitCode {

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::datapath::{Datapath, LocalEndpoint};
+use crate::attach::{AttachError, Attacher, Spec, parse_wants};
+use crate::datapath::Datapath;
 use crate::endpoints::{self, EndpointTable};
 use crate::ipam::{IpamError, IpamHandle};
 use crate::mesh::MeshHandle;
@@ -38,6 +39,9 @@ pub struct Ctx {
     pub ipam: IpamHandle,
     /// `None` with `--no-dns`.
     pub dns: Option<crate::dns::DnsHandle>,
+    pub attacher: Attacher,
+    /// `None` with `--no-docker`.
+    pub docker: Option<crate::docker::DockerHandle>,
     pub shutdown: CancellationToken,
     /// Set by `/reset`: the agent removes its data path and state as it stops.
     pub reset: Arc<tokio::sync::watch::Sender<bool>>,
@@ -91,6 +95,7 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/attach", post(attach))
         .route("/detach", post(detach))
         .route("/ps", get(ps))
+        .route("/proxy", get(proxy))
         .route("/ip/{id}", post(ip_allocate).get(ip_lookup).delete(ip_release))
         .route("/ip/{id}/{addr}", put(ip_claim))
         .route("/ip/{id}/{net}/{prefix}", post(ip_allocate_in))
@@ -247,10 +252,13 @@ async fn stop(State(ctx): State<Ctx>) -> Response {
     text("stopping\n".into())
 }
 
-/// `POST /attach`.
-#[derive(Debug, Serialize, Deserialize)]
+/// `POST /attach`: a Docker container (`container`), or a namespace (`netns`).
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct AttachRequest {
-    pub netns: String,
+    #[serde(default)]
+    pub container: Option<String>,
+    #[serde(default)]
+    pub netns: Option<String>,
     pub id: Option<String>,
     /// `10.32.1.5/12` (that address), `net:10.40.0.0/16` (one allocated in that
     /// subnet), or nothing (one allocated in the default subnet).
@@ -265,9 +273,6 @@ pub struct AttachRequest {
     pub dns_name: Option<String>,
 }
 
-/// The multicast range, routed through `ethwe` by default (as Weave did).
-pub const MULTICAST: &str = "224.0.0.0/4";
-
 /// `POST /detach`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DetachRequest {
@@ -279,91 +284,52 @@ fn netns_path(netns: &str) -> PathBuf {
     if netns.contains('/') { PathBuf::from(netns) } else { PathBuf::from("/run/netns").join(netns) }
 }
 
-/// What a container asked for: an address, or one allocated in a subnet.
-enum Want {
-    Addr(Ipv4Net),
-    In(Option<Ipv4Net>),
-}
-
-fn parse_wants(addrs: &[String]) -> Result<Vec<Want>, ApiError> {
-    if addrs.is_empty() {
-        return Ok(vec![Want::In(None)]);
+fn attach_error(e: AttachError) -> ApiError {
+    match e {
+        AttachError::Unavailable(m) => ApiError(StatusCode::SERVICE_UNAVAILABLE, m),
+        AttachError::Invalid(m) => bad_request(m),
     }
-    addrs
-        .iter()
-        .map(|a| match a.strip_prefix("net:") {
-            Some(net) => net.parse().map(|n| Want::In(Some(n))).map_err(|_| bad_request(format!("invalid subnet in {a:?}"))),
-            None if a == "net:default" => Ok(Want::In(None)),
-            None => a.parse().map(Want::Addr).map_err(|_| {
-                bad_request(format!("invalid address {a:?}: use ADDR/PREFIX, net:SUBNET, or nothing"))
-            }),
-        })
-        .collect()
-}
-
-/// Gets addresses for `id` from IPAM (allocating or claiming); releases them all
-/// if any fails, so nothing is half-allocated.
-async fn addresses(ipam: &IpamHandle, id: &str, wants: Vec<Want>) -> Result<Vec<Ipv4Net>, ApiError> {
-    let mut got = Vec::new();
-    for want in wants {
-        let r = match want {
-            Want::Addr(net) => ipam.claim(id, net.addr()).await.map(|_| net),
-            Want::In(subnet) => ipam.allocate(id, subnet).await,
-        };
-        match r {
-            Ok(net) => got.push(net),
-            Err(e) => {
-                let _ = ipam.release(id).await;
-                return Err(ipam_error(e));
-            }
-        }
-    }
-    Ok(got)
 }
 
 fn ipam_error(e: IpamError) -> ApiError {
-    match e {
-        IpamError::Stopped => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        IpamError::Timeout(..) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        _ => bad_request(e.to_string()),
-    }
+    attach_error(e.into())
+}
+
+fn docker_of(ctx: &Ctx) -> Result<&crate::docker::DockerHandle, ApiError> {
+    ctx.docker.as_ref().ok_or_else(|| {
+        bad_request("the Docker integration is off (--no-docker): attach a namespace with --netns")
+    })
 }
 
 async fn attach(State(ctx): State<Ctx>, Json(req): Json<AttachRequest>) -> Result<Response, ApiError> {
-    let path = netns_path(&req.netns);
-    let id = req.id.clone().unwrap_or_else(|| {
-        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| req.netns.clone())
-    });
-    let wants = parse_wants(&req.addrs)?;
-    let addrs = addresses(&ctx.ipam, &id, wants).await?;
-    let mut ep = LocalEndpoint::new(id.clone(), path, addrs);
-    if let Some(ifname) = req.ifname {
-        ep.ifname = ifname;
-    }
-    if !req.no_multicast_route {
-        ep.routes.push(MULTICAST.parse().expect("valid CIDR"));
-    }
-    let attached = match ctx.dp.attach_endpoint(&ep).await {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = ctx.ipam.release(&id).await;
-            return Err(bad_request(e.to_string()));
+    let attached = match (&req.container, &req.netns) {
+        (Some(container), None) => docker_of(&ctx)?.attach(container, req.addrs.clone()).await.map_err(bad_request)?,
+        (None, Some(netns)) => {
+            let path = netns_path(netns);
+            let id = req.id.clone().unwrap_or_else(|| {
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| netns.clone())
+            });
+            let mut spec = Spec::new(id, path);
+            spec.wants = parse_wants(&req.addrs).map_err(bad_request)?;
+            if let Some(ifname) = &req.ifname {
+                spec.ifname = ifname.clone();
+            }
+            spec.multicast_route = !req.no_multicast_route;
+            spec.dns_names = req.dns_name.iter().cloned().collect();
+            ctx.attacher.attach(&spec).await.map_err(attach_error)?
         }
+        _ => return Err(bad_request("give either a container or a network namespace (--netns)")),
     };
-    endpoints::announce_local(ctx.dp.as_ref(), &ctx.table, &ctx.mesh).await;
-    if let (Some(dns), Some(name)) = (&ctx.dns, &req.dns_name) {
-        dns.add(&id, &attached.addrs, name).await;
-    }
-    Ok(text(render::ps(&[attached])))
+    Ok(text(render::ps(&[attached], &Default::default())))
 }
 
 async fn detach(State(ctx): State<Ctx>, Json(req): Json<DetachRequest>) -> Result<Response, ApiError> {
-    ctx.dp.detach_endpoint(&req.id).await.map_err(|e| bad_request(e.to_string()))?;
-    ctx.ipam.release(&req.id).await.map_err(ipam_error)?;
-    if let Some(dns) = &ctx.dns {
-        dns.remove(&req.id, None, None).await;
+    // An endpoint of that id, else a Docker container of that name or id.
+    if ctx.attacher.is_attached(&req.id).await || ctx.docker.is_none() {
+        ctx.attacher.detach(&req.id).await.map_err(attach_error)?;
+    } else {
+        docker_of(&ctx)?.detach(&req.id).await.map_err(bad_request)?;
     }
-    endpoints::announce_local(ctx.dp.as_ref(), &ctx.table, &ctx.mesh).await;
     Ok(text(String::new()))
 }
 
@@ -426,7 +392,20 @@ async fn reset(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
 }
 
 async fn ps(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
-    Ok(text(render::ps(&ctx.dp.local_endpoints().await.map_err(internal)?)))
+    let names = match &ctx.docker {
+        Some(d) => d.names().await,
+        None => Default::default(),
+    };
+    Ok(text(render::ps(&ctx.dp.local_endpoints().await.map_err(internal)?, &names)))
+}
+
+/// `GET /proxy`: where the Docker API proxy listens, one per line.
+async fn proxy(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
+    let addrs = docker_of(&ctx)?.proxy_addresses();
+    if addrs.is_empty() {
+        return Err(ApiError(StatusCode::NOT_FOUND, "the Docker API proxy is off (--no-proxy)".into()));
+    }
+    Ok(text(addrs.iter().map(|a| format!("{a}\n")).collect()))
 }
 
 fn dns_of(ctx: &Ctx) -> Result<&crate::dns::DnsHandle, ApiError> {

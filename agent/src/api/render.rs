@@ -126,11 +126,19 @@ pub fn datapath(st: &Stats) -> String {
 }
 
 /// `weft ps`: id, MAC, addresses (Weave's layout).
-pub fn ps(eps: &[AttachedEndpoint]) -> String {
+/// `weft ps`: one line per endpoint, as Weave printed it (a container's short
+/// id, MAC, addresses), plus the Docker name when there is one.
+pub fn ps(eps: &[AttachedEndpoint], docker_names: &std::collections::HashMap<String, String>) -> String {
     let mut out = String::new();
     for e in eps {
         let addrs: Vec<String> = e.addrs.iter().map(ToString::to_string).collect();
-        let _ = writeln!(out, "{} {} {}", e.id, format_mac(&e.mac), addrs.join(" "));
+        let _ = write!(out, "{} {} {}", crate::docker::short(&e.id), format_mac(&e.mac), addrs.join(" "));
+        match docker_names.get(&e.id) {
+            Some(name) => {
+                let _ = writeln!(out, " {name}");
+            }
+            None => out.push('\n'),
+        }
     }
     out
 }

@@ -1,0 +1,228 @@
+//! A real Docker Engine per simulated host: Debian's `dockerd`, started inside
+//! the host's namespace with its own data, exec root and socket, so several run
+//! side by side. Images are made locally (no registry): busybox in a rootfs tar,
+//! `docker import`ed. Stopped and everything removed on Drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::{Host, Netns, unique, wait_until};
+
+/// The image every test container uses: busybox (sh, nc, httpd, wget,
+/// nslookup...) and nothing else.
+pub const BUSYBOX: &str = "weft-test/busybox";
+
+/// A dockerd of one host.
+pub struct Dockerd {
+    pub dir: PathBuf,
+    pub sock: PathBuf,
+    ns: Netns,
+    child: Option<Child>,
+}
+
+impl Dockerd {
+    /// Starts dockerd in `host`'s namespace (as ENVIRONMENT.md says: no iptables,
+    /// no forwarding changes, no bridge: containers have only loopback until weft
+    /// attaches them) and loads the busybox image.
+    pub fn start(host: &Host) -> Dockerd {
+        let dir = std::env::temp_dir().join(unique("dk"));
+        std::fs::create_dir_all(&dir).expect("docker dir");
+        let sock = dir.join("docker.sock");
+        let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
+        let child = host
+            .ns
+            .cmd("dockerd")
+            .arg(format!("--host=unix://{}", sock.display()))
+            .arg(format!("--data-root={}", dir.join("data").display()))
+            .arg(format!("--exec-root={}", dir.join("exec").display()))
+            .arg(format!("--pidfile={}", dir.join("docker.pid").display()))
+            .args(["--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none"])
+            .args(["--shutdown-timeout=1", "--log-level=warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn dockerd (apt-get install docker.io; cargo xtask test installs it)");
+        let d = Dockerd { dir, sock, ns: host.ns.alias(), child: Some(child) };
+        let up = wait_until(Duration::from_secs(60), || d.docker(&["version"]).status.success());
+        assert!(up, "dockerd did not start:\n{}", d.log());
+        d.load_busybox();
+        d
+    }
+
+    /// `unix://` + the socket, for `--docker-host` and `DOCKER_HOST`.
+    pub fn host_arg(&self) -> String {
+        format!("unix://{}", self.sock.display())
+    }
+
+    /// The namespace dockerd runs in.
+    pub fn netns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// The docker CLI against this dockerd's own socket.
+    pub fn cli(&self) -> Command {
+        docker_cli(&self.host_arg())
+    }
+
+    /// Runs the docker CLI against the real socket.
+    pub fn docker(&self, args: &[&str]) -> Output {
+        self.cli().args(args).stdin(Stdio::null()).output().expect("run docker")
+    }
+
+    /// Runs the docker CLI and returns stdout, panicking on failure.
+    pub fn docker_ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert!(out.status.success(), "docker {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// dockerd's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+    }
+
+    fn load_busybox(&self) {
+        let out = self
+            .cli()
+            .args(["import", "--change", "ENV PATH=/bin", "--change", "CMD [\"/bin/sh\"]"])
+            .arg(busybox_rootfs())
+            .arg(BUSYBOX)
+            .output()
+            .expect("docker import");
+        assert!(out.status.success(), "docker import: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// The docker CLI talking to `host` (`unix://...`), killed after two minutes so
+/// a hang fails the test instead of stalling the suite.
+pub fn docker_cli(host: &str) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["-k", "5", "120", "docker"]);
+    cmd.env("DOCKER_HOST", host).env_remove("DOCKER_CONTEXT");
+    // No stray config (contexts, credential helpers) from the machine.
+    cmd.env("DOCKER_CONFIG", std::env::temp_dir().join("weft-test-docker-config"));
+    cmd
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM: dockerd stops its containers (1 s timeout) and containerd.
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let ended = wait_until(Duration::from_secs(20), || child.try_wait().ok().flatten().is_some());
+            if !ended {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        // Whatever is still mounted under our directory (netns handles, layers).
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let dir = self.dir.display().to_string();
+        let mut ours: Vec<&str> =
+            mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&dir)).collect();
+        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in ours {
+            let _ = Command::new("umount").args(["-l", m]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A rootfs tar of busybox with its applets linked: made once per busybox
+/// binary and kept in the temp directory (2 MB) for every later test process.
+pub fn busybox_rootfs() -> &'static Path {
+    static TAR: OnceLock<PathBuf> = OnceLock::new();
+    TAR.get_or_init(|| {
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("busybox (apt-get install busybox-static; cargo xtask test installs it)");
+        let meta = std::fs::metadata(busybox).expect("busybox metadata");
+        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+        let tar = std::env::temp_dir().join(format!("weft-busybox-{}-{mtime}.tar", meta.len()));
+        if tar.exists() {
+            return tar;
+        }
+        let root = std::env::temp_dir().join(unique("bbroot"));
+        let bin = root.join("bin");
+        std::fs::create_dir_all(&bin).expect("rootfs");
+        for d in ["etc", "tmp", "proc", "sys", "dev", "www", "root"] {
+            std::fs::create_dir_all(root.join(d)).expect("rootfs dir");
+        }
+        std::fs::copy(busybox, bin.join("busybox")).expect("copy busybox");
+        let list = Command::new(busybox).arg("--list").output().expect("busybox --list");
+        for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| *a != "busybox") {
+            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+        }
+        std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
+            .expect("passwd");
+        std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").expect("group");
+        // Written under a unique name, then renamed: parallel tests never see half a tar.
+        let tmp = std::env::temp_dir().join(format!("{}.tar", unique("busybox")));
+        crate::run(Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tmp).arg("."));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::rename(&tmp, &tar).expect("rename rootfs tar");
+        tar
+    })
+}
+
+/// A simulated host running dockerd and a weft agent with its Docker API proxy.
+/// Dropped in this order: agent, dockerd, host.
+pub struct DockerHost {
+    pub agent: crate::agent::Agent,
+    pub dockerd: Dockerd,
+    pub host: Host,
+    /// `unix://...` of the proxy.
+    pub proxy: String,
+}
+
+impl DockerHost {
+    /// A host on `underlay` with dockerd and an agent connecting to `peers`.
+    pub fn launch(underlay: &mut crate::Underlay, label: &str, peers: &[std::net::Ipv4Addr], extra: &[&str]) -> DockerHost {
+        let host = underlay.host(label);
+        let dockerd = Dockerd::start(&host);
+        let proxy = format!("unix://{}", dockerd.dir.join("weft.sock").display());
+        let docker_host = dockerd.host_arg();
+        let mut args = vec!["--docker-host", &docker_host, "--proxy-listen", &proxy];
+        args.extend_from_slice(extra);
+        let agent = crate::agent::Agent::launch(&host, peers, &args);
+        DockerHost { agent, dockerd, host, proxy }
+    }
+
+    /// The docker CLI through weft's proxy.
+    pub fn proxied(&self) -> Command {
+        docker_cli(&self.proxy)
+    }
+
+    /// Runs the docker CLI through the proxy.
+    pub fn docker(&self, args: &[&str]) -> Output {
+        self.proxied().args(args).stdin(Stdio::null()).output().expect("run docker")
+    }
+
+    /// Through the proxy; stdout, panicking on failure.
+    pub fn docker_ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?} (through the proxy) failed: {}\nagent log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.agent.log()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The overlay addresses of a container as `weft ps` shows them.
+    pub fn addrs_of(&self, container: &str) -> Vec<String> {
+        let id = self.dockerd.docker_ok(&["inspect", "-f", "{{.Id}}", container]);
+        let short = &id[..12.min(id.len())];
+        self.agent
+            .cli(&["ps"])
+            .lines()
+            .find(|l| l.starts_with(short))
+            .map(|l| l.split_whitespace().skip(2).filter(|w| w.parse::<std::net::Ipv4Addr>().is_ok()).map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+}
