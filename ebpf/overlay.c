@@ -51,7 +51,7 @@ __weft_inline int overlay_handle(struct __sk_buff *skb, struct weft_fwd *fwd)
 		if (is_multicast_or_broadcast(ip->daddr))
 			return overlay_bcast(skb, cfg, &key, ip->saddr, fwd);
 	}
-	return from_overlay_ipv4(skb, fwd);
+	return from_overlay_ipv4(skb, fwd, bpf_htonl(key.remote_ipv4));
 }
 
 #ifndef WEFT_NO_ENTRY

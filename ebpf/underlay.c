@@ -85,6 +85,7 @@ __weft_inline int underlay_handle(struct __sk_buff *skb, struct weft_fwd *fwd)
 	/* Keep the inner MACs, so the endpoint sees the frame its peer sent. Copied to
 	 * the stack first: storing may reallocate the packet under a packet pointer. */
 	__builtin_memcpy(macs, &o->inner_eth, sizeof(macs));
+	learn_remote(o->inner_ip.saddr, macs + ETH_ALEN, o->ip.saddr);
 	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0) < 0)
 		return DROP_MALFORMED;
 	if (bpf_skb_adjust_room(skb, -(int)(INNER_IP_OFF - ETH_HLEN), BPF_ADJ_ROOM_MAC,

@@ -42,6 +42,9 @@ _Static_assert(sizeof(struct weft_endpoint) == 16, "weft_endpoint ABI");
 /* Local, but its veth peer sits in the host's own netns (the host's overlay address):
  * bpf_redirect_peer() only crosses netns, so deliver with bpf_redirect() to egress. */
 #define WEFT_EP_HOST_NS 0x2
+/* Remote, learned by the data path from a packet that came from that host before
+ * the agent's announcement arrived; the announcement replaces it. */
+#define WEFT_EP_LEARNED 0x4
 
 /* PEERS value, keyed by a remote host's underlay IPv4 (struct weft_ip4). */
 struct weft_peer {

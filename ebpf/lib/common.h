@@ -249,13 +249,35 @@ __weft_inline int relay_dec_ttl(struct __sk_buff *skb, __u32 ip_off)
 }
 
 /*
- * An IPv4 packet that arrived from the overlay (already decapsulated, Ethernet
- * first): deliver it to a local endpoint or relay it towards its host.
+ * A packet for a local endpoint came from host `from` (outer source, network
+ * order) with an overlay source address this host does not know yet: the new
+ * container's announcement is still on its way (gossip takes milliseconds, its
+ * first SYN does not wait). Remember where it lives so the answer (and the ARP
+ * before it) goes out at once instead of being dropped until TCP retries a
+ * second later. Only from hosts we peer with; never over an existing entry.
  */
-__weft_inline int from_overlay_ipv4(struct __sk_buff *skb, struct weft_fwd *fwd)
+__weft_inline void learn_remote(__be32 src, const __u8 *src_mac, __be32 from)
+{
+	struct weft_endpoint ep = {};
+
+	if (lookup_endpoint(src) || !bpf_map_lookup_elem(&PEERS, &from))
+		return;
+	__builtin_memcpy(&ep.host, &from, sizeof(from));
+	__builtin_memcpy(ep.mac, src_mac, ETH_ALEN);
+	ep.flags = WEFT_EP_LEARNED;
+	bpf_map_update_elem(&ENDPOINTS, &src, &ep, BPF_NOEXIST);
+}
+
+/*
+ * An IPv4 packet that arrived from the overlay (already decapsulated, Ethernet
+ * first): deliver it to a local endpoint or relay it towards its host. `from`:
+ * the outer source address (network order).
+ */
+__weft_inline int from_overlay_ipv4(struct __sk_buff *skb, struct weft_fwd *fwd, __be32 from)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
 	struct iphdr *ip = data + ETH_HLEN;
 	const struct weft_endpoint *ep;
 	int ret;
@@ -265,8 +287,10 @@ __weft_inline int from_overlay_ipv4(struct __sk_buff *skb, struct weft_fwd *fwd)
 	ep = lookup_endpoint(ip->daddr);
 	if (!ep)
 		return DROP_UNKNOWN_DST;
-	if (ep->flags & WEFT_EP_LOCAL)
+	if (ep->flags & WEFT_EP_LOCAL) {
+		learn_remote(ip->saddr, eth->h_source, from);
 		return deliver_local(ep, fwd, WEFT_CNT_DECAP);
+	}
 	ret = relay_dec_ttl(skb, ETH_HLEN);
 	if (ret < 0)
 		return ret;

@@ -508,3 +508,46 @@ fn other_drops_are_counted_by_reason() {
     let out = bpf.probe("probe_overlay", &frame(REMOTE_B, LOCAL_2, 64));
     assert_eq!(out.verdict, -7, "DROP_BAD_VNI");
 }
+
+/// The ENDPOINTS entry for `addr`, if any.
+fn endpoint_entry(bpf: &Bpf, addr: Ipv4Addr) -> Option<Endpoint> {
+    let eps: HashMap<MapData, Ip4, Endpoint> = HashMap::try_from(bpf.map("ENDPOINTS")).unwrap();
+    eps.get(&Ip4::from(addr), 0).ok()
+}
+
+#[test]
+fn a_new_remote_address_is_learned_from_its_first_packet() {
+    if !root_or_skip("learn_remote") {
+        return;
+    }
+    let newcomer = Ipv4Addr::new(10, 40, 0, 9);
+    let stranger_host = Ipv4Addr::new(192, 168, 0, 99);
+    for direct in [true, false] {
+        let mut bpf = Bpf::new(direct);
+        let deliver = |bpf: &mut Bpf, from_host: Ipv4Addr, inner: &[u8]| {
+            if direct {
+                run_prog(&bpf.underlay, &vxlan(from_host, HOST_A, VNI, inner)).0
+            } else {
+                bpf.set_tunnel_in(ProbeIn { tunnel_id: VNI, remote: u32::from(from_host), ttl: 60, _pad: 0 });
+                bpf.probe("probe_overlay", inner).verdict as u32
+            }
+        };
+        // From a host we do not peer with: delivered, nothing learned.
+        assert_eq!(deliver(&mut bpf, stranger_host, &frame(newcomer, LOCAL_2, 64)), TC_ACT_REDIRECT);
+        assert!(endpoint_entry(&bpf, newcomer).is_none(), "learned from a stranger (direct={direct})");
+        // From HOST_B: the answer can go back before the announcement arrives.
+        assert_eq!(deliver(&mut bpf, HOST_B, &frame(newcomer, LOCAL_2, 64)), TC_ACT_REDIRECT);
+        let learned = endpoint_entry(&bpf, newcomer).expect("learned");
+        assert_eq!(Ipv4Addr::from(learned.host), HOST_B, "direct={direct}");
+        assert_eq!((learned.mac, learned.flags, learned.ifindex), (mac_for(newcomer), abi::EP_LEARNED, 0));
+        let reply = frame(LOCAL_2, newcomer, 64);
+        let (verdict, _) = run_prog(&bpf.endpoint, &reply);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "the reply is encapsulated towards HOST_B");
+        assert_eq!(bpf.stats().dropped("unknown_destination"), 0);
+        // Known entries are never overwritten by traffic (REMOTE_C lives on HOST_C).
+        deliver(&mut bpf, HOST_B, &frame(REMOTE_C, LOCAL_2, 64));
+        assert_eq!(Ipv4Addr::from(endpoint_entry(&bpf, REMOTE_C).unwrap().host), HOST_C);
+        deliver(&mut bpf, HOST_B, &frame(LOCAL_1, LOCAL_2, 64));
+        assert_eq!(endpoint_entry(&bpf, LOCAL_1).unwrap().flags, abi::EP_LOCAL, "a local entry stays local");
+    }
+}

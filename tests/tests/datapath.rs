@@ -67,7 +67,7 @@ fn program(hosts: &[Host], containers: &[Container], encap: Encap, next_hops: &B
         let remotes: Vec<RemoteEndpoint> = containers
             .iter()
             .filter(|c| c.host != h)
-            .map(|c| RemoteEndpoint { addr: c.ip(), mac: mac_for(c.ip()), host: hosts[c.host].ip })
+            .map(|c| RemoteEndpoint { addr: c.ip(), mac: mac_for(c.ip()), host: hosts[c.host].ip, learned: false })
             .collect();
         with_dp(host, encap, async move |dp| {
             for (id, netns, addr) in locals {

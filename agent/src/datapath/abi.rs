@@ -12,6 +12,9 @@ pub const ABI_VERSION: u32 = 2;
 pub const EP_LOCAL: u16 = 0x1;
 /// `WEFT_EP_HOST_NS`: local, with its veth peer in the host's own netns.
 pub const EP_HOST_NS: u16 = 0x2;
+/// `WEFT_EP_LEARNED`: remote, learned by the data path from a packet before the
+/// agent announced it (see `learn_remote` in ebpf/lib/common.h).
+pub const EP_LEARNED: u16 = 0x4;
 
 /// `WEFT_MAX_ENDPOINTS`.
 pub const MAX_ENDPOINTS: u32 = 65536;

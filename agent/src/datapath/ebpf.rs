@@ -624,7 +624,12 @@ impl Datapath for EbpfDatapath {
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, e)| e.flags & abi::EP_LOCAL == 0)
-            .map(|(k, e)| RemoteEndpoint { addr: k.into(), mac: e.mac, host: e.host.into() })
+            .map(|(k, e)| RemoteEndpoint {
+                addr: k.into(),
+                mac: e.mac,
+                host: e.host.into(),
+                learned: e.flags & abi::EP_LEARNED != 0,
+            })
             .collect())
     }
 

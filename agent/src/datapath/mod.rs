@@ -89,6 +89,9 @@ pub struct RemoteEndpoint {
     pub mac: [u8; 6],
     /// The underlay address of its host.
     pub host: Ipv4Addr,
+    /// Learned by the data path from its traffic, not (yet) announced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub learned: bool,
 }
 
 /// Packet and byte counts.

@@ -69,7 +69,7 @@ pub fn desired(
         // through its first hop's.
         d.hosts.insert(*host, *via);
         for ep in table.get(peer).map(Vec::as_slice).unwrap_or_default() {
-            d.remotes.insert(ep.addr, RemoteEndpoint { addr: ep.addr, mac: ep.mac, host: *host });
+            d.remotes.insert(ep.addr, RemoteEndpoint { addr: ep.addr, mac: ep.mac, host: *host, learned: false });
         }
     }
     for (origin, children) in &status.broadcast {
@@ -85,7 +85,7 @@ pub fn desired(
         let Some(via) = have.get(host) else { continue };
         d.hosts.insert(*host, *via);
         for ep in table.get(peer).map(Vec::as_slice).unwrap_or_default() {
-            d.remotes.insert(ep.addr, RemoteEndpoint { addr: ep.addr, mac: ep.mac, host: *host });
+            d.remotes.insert(ep.addr, RemoteEndpoint { addr: ep.addr, mac: ep.mac, host: *host, learned: false });
         }
     }
     d
@@ -99,7 +99,15 @@ pub struct Programmer {
     /// Until then nothing is removed: a restarted agent finds the pinned routes
     /// of its previous run and must not drop them before its mesh re-forms.
     pub removals_after: std::time::Instant,
+    /// Entries the data path learned from traffic, and when this programmer
+    /// first saw each: kept for [`LEARNED_GRACE`] so the announcement can catch
+    /// up, then dropped unless announced by then.
+    pub learned: std::sync::Mutex<BTreeMap<Ipv4Addr, std::time::Instant>>,
 }
+
+/// How long a learned entry nobody announced stays (a container that lived
+/// shorter than gossip takes, or traffic from an address that went away).
+pub const LEARNED_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 impl Programmer {
     /// Runs until `cancel`.
@@ -157,7 +165,16 @@ impl Programmer {
                 self.dp.remove_peer_host(*host).await?;
             }
         }
-        let gone: BTreeSet<&Ipv4Addr> = have.keys().filter(|a| !want.remotes.contains_key(*a)).collect();
+        let now = std::time::Instant::now();
+        let gone: BTreeSet<&Ipv4Addr> = {
+            let mut learned = self.learned.lock().expect("learned lock");
+            learned.retain(|a, _| have.get(a).is_some_and(|r| r.learned) && !want.remotes.contains_key(a));
+            have.iter()
+                .filter(|(a, _)| !want.remotes.contains_key(*a))
+                .filter(|(a, r)| !r.learned || now.duration_since(*learned.entry(**a).or_insert(now)) >= LEARNED_GRACE)
+                .map(|(a, _)| a)
+                .collect()
+        };
         for addr in gone {
             debug!(%addr, "remote endpoint gone");
             self.dp.remove_remote_endpoint(*addr).await?;

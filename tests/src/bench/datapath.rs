@@ -113,7 +113,7 @@ fn weft_config(encap: Encap, name: &'static str) -> Config {
             let dp = EbpfDatapath::start(opts).await.expect("data path");
             dp.attach_endpoint(&LocalEndpoint::new("bench", netns, vec![me])).await.expect("attach");
             dp.add_peer_host(peer).await.expect("peer");
-            let remote = RemoteEndpoint { addr: them.addr(), mac: mac_for(them.addr()), host: peer };
+            let remote = RemoteEndpoint { addr: them.addr(), mac: mac_for(them.addr()), host: peer, learned: false };
             dp.set_remote_endpoint(&remote).await.expect("remote");
         });
     }
