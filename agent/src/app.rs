@@ -228,6 +228,7 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
         mesh: mesh.clone(),
         table: table.clone(),
         removals_after: Instant::now() + grace,
+        learned: Default::default(),
     };
     let prog_task = tokio::spawn(programmer.run(shutdown.child_token()));
 
@@ -289,9 +290,11 @@ pub const HOST_IFNAME: &str = "weft";
 /// host and its DNS server. Waits for IPAM (which may wait for agreement).
 async fn expose(a: Attacher, addr_tx: tokio::sync::watch::Sender<Option<std::net::Ipv4Addr>>, cancel: CancellationToken) {
     let existing = a.dp.local_endpoints().await.ok().and_then(|eps| eps.into_iter().find(|e| e.id == HOST_ENDPOINT));
+    let mut backoff = Duration::from_millis(100);
     let addr = match existing {
         Some(ep) => ep.addrs.first().copied(),
         None => loop {
+            backoff = (backoff * 2).min(Duration::from_secs(5));
             let mut spec = Spec::new(HOST_ENDPOINT, "/proc/self/ns/net");
             spec.ifname = HOST_IFNAME.into();
             spec.multicast_route = false;
@@ -305,8 +308,8 @@ async fn expose(a: Attacher, addr_tx: tokio::sync::watch::Sender<Option<std::net
                     break ep.addrs.first().copied();
                 }
                 Err(AttachError::Unavailable(e)) => {
-                    warn!(error = %e, "no overlay address for this host yet; retrying");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    warn!(error = %e, "no overlay address for this host yet; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
                 }
                 Err(AttachError::Invalid(e)) => {
                     warn!(error = %e, "cannot put this host on the overlay");

@@ -13,6 +13,7 @@ use ipnet::Ipv4Net;
 
 use crate::datapath::{AttachedEndpoint, Datapath, LocalEndpoint};
 use crate::endpoints::{self, EndpointTable};
+use crate::ipam::core::AllocError;
 use crate::ipam::{IpamError, IpamHandle};
 use crate::mesh::MeshHandle;
 
@@ -69,7 +70,13 @@ pub enum AttachError {
 impl From<IpamError> for AttachError {
     fn from(e: IpamError) -> Self {
         match e {
-            IpamError::Stopped | IpamError::Timeout(..) => AttachError::Unavailable(e.to_string()),
+            // Conditions that pass: agreement, a peer that comes back or joins
+            // (a fresh peer owns no space until a reachable peer donates some).
+            IpamError::Stopped
+            | IpamError::Timeout(..)
+            | IpamError::Alloc(AllocError::Exhausted(_) | AllocError::OwnerUnreachable { .. } | AllocError::NoRing) => {
+                AttachError::Unavailable(e.to_string())
+            }
             e => AttachError::Invalid(e.to_string()),
         }
     }
