@@ -85,14 +85,18 @@ impl Dockerd {
     }
 
     fn load_busybox(&self) {
-        let out = self
-            .cli()
-            .args(["import", "--change", "ENV PATH=/bin", "--change", "CMD [\"/bin/sh\"]"])
-            .arg(busybox_rootfs())
-            .arg(BUSYBOX)
-            .output()
-            .expect("docker import");
-        assert!(out.status.success(), "docker import: {}", String::from_utf8_lossy(&out.stderr));
+        self.import(busybox_rootfs(), BUSYBOX, &["ENV PATH=/bin", "CMD [\"/bin/sh\"]"]);
+    }
+
+    /// `docker import`s a rootfs tar as `image` with Dockerfile `changes`.
+    pub fn import(&self, tar: &Path, image: &str, changes: &[&str]) {
+        let mut cmd = self.cli();
+        cmd.arg("import");
+        for c in changes {
+            cmd.args(["--change", c]);
+        }
+        let out = cmd.arg(tar).arg(image).output().expect("docker import");
+        assert!(out.status.success(), "docker import {image}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
 
@@ -136,36 +140,115 @@ impl Drop for Dockerd {
 pub fn busybox_rootfs() -> &'static Path {
     static TAR: OnceLock<PathBuf> = OnceLock::new();
     TAR.get_or_init(|| {
-        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("busybox (apt-get install busybox-static; cargo xtask test installs it)");
+        let busybox = busybox_binary();
         let meta = std::fs::metadata(busybox).expect("busybox metadata");
         let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
-        let tar = std::env::temp_dir().join(format!("weft-busybox-{}-{mtime}.tar", meta.len()));
-        if tar.exists() {
-            return tar;
+        cached_tar(&format!("weft-busybox-{}-{mtime}.tar", meta.len()), |root| {
+            busybox_tree(root);
+            Ok(())
+        })
+        .expect("busybox rootfs")
+    })
+}
+
+fn busybox_binary() -> &'static str {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox (apt-get install busybox-static; cargo xtask test installs it)")
+}
+
+/// busybox and its applets, a passwd and a group file under `root`.
+fn busybox_tree(root: &Path) {
+    let busybox = busybox_binary();
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).expect("rootfs");
+    for d in ["etc", "tmp", "proc", "sys", "dev", "www", "root", "data"] {
+        std::fs::create_dir_all(root.join(d)).expect("rootfs dir");
+    }
+    std::fs::copy(busybox, bin.join("busybox")).expect("copy busybox");
+    let list = Command::new(busybox).arg("--list").output().expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| *a != "busybox") {
+        let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n").expect("passwd");
+    std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").expect("group");
+}
+
+/// A tar in the temp directory named `name`, made by `fill` (given an empty
+/// directory) the first time; written under a unique name and renamed, so
+/// parallel processes never see half a tar.
+fn cached_tar(name: &str, fill: impl FnOnce(&Path) -> Result<(), String>) -> Result<PathBuf, String> {
+    let tar = std::env::temp_dir().join(name);
+    if tar.exists() {
+        return Ok(tar);
+    }
+    let root = std::env::temp_dir().join(unique("rootfs"));
+    std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+    let filled = fill(&root);
+    let tmp = std::env::temp_dir().join(format!("{}.tar", unique("rootfs")));
+    let packed = filled.and_then(|()| {
+        let out = Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tmp).arg(".").output().map_err(|e| e.to_string())?;
+        if out.status.success() { Ok(()) } else { Err(format!("tar: {}", String::from_utf8_lossy(&out.stderr))) }
+    });
+    let _ = std::fs::remove_dir_all(&root);
+    packed?;
+    std::fs::rename(&tmp, &tar).map_err(|e| e.to_string())?;
+    Ok(tar)
+}
+
+/// The Redis image of the second reference app.
+pub const REDIS: &str = "weft-demo/redis";
+
+/// Debian's packages for Redis (downloaded with `apt-get download`, unpacked,
+/// not installed on the machine).
+const REDIS_PACKAGES: &[&str] = &["redis-tools", "libjemalloc2", "liblzf1", "libatomic1"];
+
+/// A rootfs with Debian's redis-server, every library it links (resolved with
+/// ldd) and busybox. Made once and cached in the temp directory; an error says
+/// what failed (no Debian mirror, no ldd...).
+pub fn redis_rootfs() -> Result<PathBuf, String> {
+    cached_tar("weft-redis-rootfs.tar", |root| {
+        busybox_tree(root);
+        let debs = std::env::temp_dir().join(unique("debs"));
+        std::fs::create_dir_all(&debs).map_err(|e| e.to_string())?;
+        let result = (|| {
+            let out = Command::new("apt-get").arg("download").args(REDIS_PACKAGES).current_dir(&debs).output().map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(format!("apt-get download {}: {}", REDIS_PACKAGES.join(" "), String::from_utf8_lossy(&out.stderr)));
+            }
+            for deb in std::fs::read_dir(&debs).map_err(|e| e.to_string())? {
+                let deb = deb.map_err(|e| e.to_string())?.path();
+                let out = Command::new("dpkg").arg("-x").arg(&deb).arg(root).output().map_err(|e| e.to_string())?;
+                if !out.status.success() {
+                    return Err(format!("dpkg -x {}: {}", deb.display(), String::from_utf8_lossy(&out.stderr)));
+                }
+            }
+            Ok(())
+        })();
+        let _ = std::fs::remove_dir_all(&debs);
+        result?;
+        // Debian's redis-server is redis-check-rdb under another name.
+        let server = root.join("usr/bin/redis-server");
+        let _ = std::fs::remove_file(&server);
+        std::os::unix::fs::symlink("redis-check-rdb", &server).map_err(|e| e.to_string())?;
+        // Every library it links, from the unpacked packages or the machine.
+        let libdir = root.join("usr/lib/x86_64-linux-gnu").display().to_string() + ":" + &root.join("usr/lib/aarch64-linux-gnu").display().to_string();
+        let out = Command::new("ldd").arg(root.join("usr/bin/redis-check-rdb")).env("LD_LIBRARY_PATH", libdir).output().map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || text.contains("not found") {
+            return Err(format!("ldd redis-server: {text}{}", String::from_utf8_lossy(&out.stderr)));
         }
-        let root = std::env::temp_dir().join(unique("bbroot"));
-        let bin = root.join("bin");
-        std::fs::create_dir_all(&bin).expect("rootfs");
-        for d in ["etc", "tmp", "proc", "sys", "dev", "www", "root"] {
-            std::fs::create_dir_all(root.join(d)).expect("rootfs dir");
+        for lib in text.lines().filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/'))) {
+            let lib = Path::new(lib);
+            if lib.starts_with(root) {
+                continue;
+            }
+            let dst = root.join(lib.strip_prefix("/").unwrap_or(lib));
+            std::fs::create_dir_all(dst.parent().expect("lib dir")).map_err(|e| e.to_string())?;
+            std::fs::copy(lib, &dst).map_err(|e| format!("copy {}: {e}", lib.display()))?;
         }
-        std::fs::copy(busybox, bin.join("busybox")).expect("copy busybox");
-        let list = Command::new(busybox).arg("--list").output().expect("busybox --list");
-        for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| *a != "busybox") {
-            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
-        }
-        std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
-            .expect("passwd");
-        std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").expect("group");
-        // Written under a unique name, then renamed: parallel tests never see half a tar.
-        let tmp = std::env::temp_dir().join(format!("{}.tar", unique("busybox")));
-        crate::run(Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tmp).arg("."));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::rename(&tmp, &tar).expect("rename rootfs tar");
-        tar
+        Ok(())
     })
 }
 
@@ -214,7 +297,19 @@ impl DockerHost {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
-    /// The overlay addresses of a container as `weft ps` shows them.
+    /// The overlay addresses of a running container, waiting (up to 10 s) for
+    /// weft to attach it: attaching follows Docker's start event, so `docker run
+    /// -d` may return first (the application itself waits in weft-wait).
+    pub fn attached_addrs(&self, container: &str) -> Vec<String> {
+        let mut addrs = Vec::new();
+        wait_until(Duration::from_secs(10), || {
+            addrs = self.addrs_of(container);
+            !addrs.is_empty()
+        });
+        addrs
+    }
+
+    /// The overlay addresses of a container as `weft ps` shows them now.
     pub fn addrs_of(&self, container: &str) -> Vec<String> {
         let id = self.dockerd.docker_ok(&["inspect", "-f", "{{.Id}}", container]);
         let short = &id[..12.min(id.len())];

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod demo;
 pub mod docker;
 
 use std::net::Ipv4Addr;

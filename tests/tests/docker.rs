@@ -38,7 +38,7 @@ fn containers_on_two_hosts_find_each_other_by_name() {
     }
     let (_lan, a, b) = two_hosts();
     start_server(&a, "server");
-    let server = a.addrs_of("server");
+    let server = a.attached_addrs("server");
     assert_eq!(server.len(), 1, "server attached: {}", a.agent.cli(&["ps"]));
     // Its name reaches the other host's DNS.
     assert!(wait_until(Duration::from_secs(10), || lookup(&b, "server") == server));
@@ -62,7 +62,7 @@ fn the_first_instruction_already_has_the_network() {
     }
     let (_lan, a, b) = two_hosts();
     start_server(&a, "server");
-    let server = a.addrs_of("server");
+    let server = a.attached_addrs("server");
     assert!(wait_until(Duration::from_secs(10), || lookup(&b, "server") == server));
     // The entrypoint itself is the client: no shell, no sleep, no retry.
     for i in 0..6 {
@@ -88,7 +88,7 @@ fn death_removes_the_name_and_frees_the_address() {
     }
     let (_lan, a, b) = two_hosts();
     a.docker_ok(&["run", "-d", "--init", "--name", "brief", BUSYBOX, "sleep", "1000"]);
-    let addrs = a.addrs_of("brief");
+    let addrs = a.attached_addrs("brief");
     assert_eq!(addrs.len(), 1);
     let id = a.dockerd.docker_ok(&["inspect", "-f", "{{.Id}}", "brief"]);
     assert!(wait_until(Duration::from_secs(10), || lookup(&b, "brief") == addrs));
@@ -132,7 +132,7 @@ fn agent_restart_keeps_addresses_and_catches_up() {
     let (_lan, mut a, b) = two_hosts();
     a.docker_ok(&["run", "-d", "--init", "--name", "stays", BUSYBOX, "sleep", "1000"]);
     a.docker_ok(&["run", "-d", "--init", "--name", "dies", BUSYBOX, "sleep", "1000"]);
-    let stays = a.addrs_of("stays");
+    let stays = a.attached_addrs("stays");
     assert!(wait_until(Duration::from_secs(10), || lookup(&b, "dies").len() == 1 && lookup(&b, "stays") == stays));
     a.agent.stop();
     // While the agent is away: one container dies, one starts (through the
@@ -146,7 +146,7 @@ fn agent_restart_keeps_addresses_and_catches_up() {
     assert_eq!(lookup(&b, "stays"), stays);
     // And it still works end to end.
     b.docker_ok(&["run", "-d", "--init", "--name", "server", BUSYBOX, "nc", "-ll", "-p", "4540", "-e", "hostname", "-i"]);
-    let server = b.addrs_of("server");
+    let server = b.attached_addrs("server");
     let got = a.dockerd.docker_ok(&["exec", "stays", "nc", "-w", "5", &server[0], "4540"]);
     assert_eq!(got, server[0]);
 }
@@ -374,4 +374,21 @@ fn legacy_hijack_without_upgrade_header() {
     let logs = a.docker(&["logs", &id]);
     let state = a.docker(&["inspect", "-f", "{{json .State}} {{json .Config}}", &id]);
     assert!(String::from_utf8_lossy(&rest).contains("got hijacked"), "{:?} {logs:?} {state:?}", String::from_utf8_lossy(&rest));
+}
+
+#[test]
+fn the_reference_demo_runs() {
+    if !root_or_skip("the_reference_demo_runs") {
+        return;
+    }
+    // `cargo xtask demo` as a user runs it (not interactive: no pause at the end).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft-demo"))
+        .env("WEFT_BIN", weft_tests::agent::weft_bin())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("Hi, this is the data producer in 10."), "{text}");
+    assert!(text.contains("I have been seen 6 times"), "the hit counter counted every hit: {text}");
 }

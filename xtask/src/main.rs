@@ -194,7 +194,7 @@ fn demo(args: &[String]) -> Result<()> {
 
 fn bench(args: &[String]) -> Result<()> {
     let Some(name) = args.first() else {
-        bail!("usage: cargo xtask bench NAME (datapath)");
+        bail!("usage: cargo xtask bench NAME (datapath, mesh, ipam, dns, attach)");
     };
     prepare("cargo xtask bench")?;
     run(cargo().args(["build", "--release", "-p", "weft", "-p", "weft-tests", "--bin", "weft", "--bin", "weft-bench"]))?;

@@ -1,6 +1,7 @@
 //! The benchmarks behind `cargo xtask bench NAME`. Each compares configurations
 //! in one run, interleaved, and ends with one line `bench NAME: key=value ...`.
 
+pub mod attach;
 pub mod datapath;
 pub mod dns;
 pub mod ipam;

@@ -14,11 +14,12 @@ fn main() {
             env_u32("WEFT_BENCH_ROUNDS", 5),
             env_u32("WEFT_BENCH_SECONDS", 3),
         ),
+        "attach" => weft_tests::bench::attach::run_bench(env_u32("WEFT_BENCH_RUNS", 20)),
         "mesh" => weft_tests::bench::mesh::run_bench(),
         "ipam" => weft_tests::bench::ipam::run_bench(),
         "dns" => weft_tests::bench::dns::run_bench(env_u32("WEFT_BENCH_ROUNDS", 3), env_u32("WEFT_BENCH_SECONDS", 3)),
         other => {
-            eprintln!("unknown benchmark {other:?}; known: datapath, mesh, ipam, dns");
+            eprintln!("unknown benchmark {other:?}; known: datapath, mesh, ipam, dns, attach");
             std::process::exit(64);
         }
     }

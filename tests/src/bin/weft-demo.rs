@@ -1,142 +1,198 @@
-//! `cargo xtask demo`: a simulated three-host cluster in network namespaces, a
-//! weft agent on each host, two containers per host, and proof that it works:
-//! every pair pings and moves a TCP stream, and traffic keeps flowing when an
-//! agent stops.
+//! `cargo xtask demo`: the reference demo (../shared/reference/) on a simulated
+//! cluster. Three hosts (network namespaces on one LAN), each with its own
+//! Docker Engine and weft agent; through weft's Docker API proxy each runs the
+//! guide's `dataproducer` and `httpserver`, and the blog's `hit-counter` with
+//! one `redis` for all. Then every httpserver is fetched several times and the
+//! answers show data producers on different hosts, found by name.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use weft_tests::agent::Agent;
-use weft_tests::{Host, Netns, Underlay, root_or_skip, tcp_transfer, wait_until};
+use weft_tests::demo::{self, http_get, producer_message};
+use weft_tests::docker::{BUSYBOX, DockerHost};
+use weft_tests::{Underlay, root_or_skip, wait_until};
 
 const HOSTS: usize = 3;
-const PER_HOST: usize = 2;
-
-struct Container {
-    ns: Netns,
-    host: usize,
-    addr: std::net::Ipv4Addr,
-}
+const FETCHES: usize = 6;
 
 fn step(what: &str) {
     println!("\n== {what}");
+}
+
+fn fail(what: &str) -> ! {
+    eprintln!("\nSOMETHING FAILED: {what}");
+    std::process::exit(1);
+}
+
+fn lookup(h: &DockerHost, name: &str) -> Vec<String> {
+    match h.agent.try_cli(&["dns-lookup", name]) {
+        o if o.status.success() => String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect(),
+        _ => Vec::new(),
+    }
 }
 
 fn main() {
     if !root_or_skip("weft demo") {
         std::process::exit(1);
     }
-    println!("weft demo: {HOSTS} hosts (network namespaces on one LAN), a weft agent on each, {PER_HOST} containers per host");
+    println!("weft demo: {HOSTS} hosts (network namespaces on one LAN), each with its own dockerd and weft agent");
 
-    step("hosts and agents");
-    let mut underlay = Underlay::new();
-    let hosts: Vec<Host> = (0..HOSTS).map(|i| underlay.host(&format!("host{}", i + 1))).collect();
+    step("hosts, Docker engines, agents");
     let started = Instant::now();
-    let mut agents: Vec<Agent> = hosts
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            let peers = if i == 0 { vec![] } else { vec![hosts[0].ip] };
-            Agent::launch(h, &peers, &["--ipalloc-init", "consensus=3"])
-        })
-        .collect();
-    let meshed = wait_until(Duration::from_secs(30), || agents.iter().all(|a| a.established() == HOSTS - 1));
-    if !meshed {
-        eprintln!("the mesh did not form:\n{}", agents[0].cli(&["status", "peers"]));
-        std::process::exit(1);
+    let mut lan = Underlay::new();
+    let consensus = format!("consensus={HOSTS}");
+    let mut hosts: Vec<DockerHost> = Vec::new();
+    for i in 0..HOSTS {
+        let peers = hosts.first().map(|h| vec![h.host.ip]).unwrap_or_default();
+        hosts.push(DockerHost::launch(&mut lan, &format!("host{}", i + 1), &peers, &["--ipalloc-init", &consensus]));
     }
-    for (h, a) in hosts.iter().zip(&agents) {
-        println!("  {:<16} underlay {:<13} agent {} ", h.name, h.ip, a.name);
+    if !wait_until(Duration::from_secs(30), || hosts.iter().all(|h| h.agent.established() == HOSTS - 1)) {
+        fail(&format!("the mesh did not form:\n{}", hosts[0].agent.cli(&["status", "peers"])));
     }
-    println!("  full mesh of {HOSTS} peers in {:.1?} (each agent was given only the first host)", started.elapsed());
+    for h in &hosts {
+        println!("  {:<18} underlay {:<13} DOCKER_HOST={}", h.host.name, h.host.ip, h.proxy);
+    }
+    println!("  {HOSTS} dockerds up, agents in a full mesh after {:.1?} (each was given only host1)", started.elapsed());
 
-    step("containers");
-    let mut containers = Vec::new();
-    for h in 0..HOSTS {
-        for c in 0..PER_HOST {
-            let addr = std::net::Ipv4Addr::new(10, 32, h as u8 + 1, c as u8 + 1);
-            let ns = Netns::new(&format!("c{}{}", h + 1, c + 1));
-            agents[h].attach(&ns, &format!("{addr}/12"));
-            println!("  {:<16} on {:<16} ethwe {addr}/12", ns.name(), hosts[h].name);
-            containers.push(Container { ns, host: h, addr });
+    step("images, built locally (no registry)");
+    for h in &hosts {
+        if let Err(e) = demo::build_apps(&mut h.proxied()) {
+            fail(&e);
         }
     }
-    let n = containers.len();
-    let known = wait_until(Duration::from_secs(20), || {
-        agents.iter().enumerate().all(|(h, a)| {
-            let r = a.dp_remotes();
-            containers.iter().filter(|c| c.host != h).all(|c| r.contains(&c.addr.to_string()))
+    println!("  {} built with `docker build` through the proxy on every host (busybox: sh, nc, httpd)", demo::APPS);
+    let redis = demo::load_redis(&hosts[0].dockerd);
+    match &redis {
+        Ok(()) => println!("  {} from Debian's redis-server on host1", weft_tests::docker::REDIS),
+        Err(e) => println!("  no Redis image ({e}): the hit counter is left out"),
+    }
+
+    step("containers, started with the docker CLI through weft's proxy");
+    let t0 = Instant::now();
+    for h in &hosts {
+        for (name, cmd) in [("dataproducer", demo::dataproducer_cmd()), ("httpserver", demo::httpserver_cmd())] {
+            let mut args = vec!["run", "-d", "--name", name];
+            args.extend(cmd);
+            h.docker_ok(&args);
+        }
+        if redis.is_ok() {
+            let mut args = vec!["run", "-d", "--name", "hit-counter"];
+            args.extend(demo::hit_counter_cmd());
+            h.docker_ok(&args);
+        }
+    }
+    if redis.is_ok() {
+        let mut args = vec!["run", "-d", "--name", "redis"];
+        args.extend(demo::redis_cmd());
+        hosts[0].docker_ok(&args);
+    }
+    // Attaching follows Docker's start event; wait for every container (and the
+    // host's own overlay address) before showing them.
+    let expected = if redis.is_ok() { 3 } else { 2 };
+    let attached = wait_until(Duration::from_secs(20), || {
+        hosts.iter().enumerate().all(|(i, h)| {
+            let ps = h.agent.cli(&["ps"]);
+            ps.lines().count() == 1 + expected + usize::from(redis.is_ok() && i == 0)
         })
     });
-    println!("  every host's data path knows the {n} endpoints: {known}");
-
-    step("ping, every pair (same host and across hosts)");
-    let (mut ok, mut total) = (0, 0);
-    for a in &containers {
-        let mut row = String::new();
-        for b in &containers {
-            if a.addr == b.addr {
-                row.push_str("  - ");
-                continue;
-            }
-            total += 1;
-            let pinged = a.ns.ping_within(b.addr, Duration::from_secs(3));
-            ok += usize::from(pinged);
-            row.push_str(if pinged { " ok " } else { "FAIL" });
-        }
-        println!("  {:<15}{row}", a.addr);
+    if !attached {
+        let ps: Vec<String> = hosts.iter().map(|h| h.agent.cli(&["ps"])).collect();
+        fail(&format!("not every container was attached:\n{}\n{}", ps.join("\n"), hosts[2].agent.log()));
     }
-    println!("  {ok}/{total} pairs answered");
-
-    step("TCP, every pair, 4 MiB each");
-    let (mut tcp_ok, mut port) = (0, 7000);
-    let t0 = Instant::now();
-    for a in &containers {
-        for b in &containers {
-            if a.addr != b.addr {
-                port += 1;
-                tcp_ok += usize::from(tcp_transfer(&b.ns, b.addr, &a.ns, port, 4 << 20));
+    let mut host_of: BTreeMap<String, String> = BTreeMap::new();
+    for h in &hosts {
+        println!("  {}: weft ps", h.host.name);
+        for line in h.agent.cli(&["ps"]).lines() {
+            println!("    {line}");
+            for w in line.split_whitespace().filter(|w| w.parse::<std::net::Ipv4Addr>().is_ok()) {
+                host_of.insert(w.to_string(), h.host.name.clone());
             }
         }
     }
-    println!("  {tcp_ok}/{total} streams arrived intact ({} MiB in {:.1?})", 4 * total, t0.elapsed());
+    let everywhere = wait_until(Duration::from_secs(20), || hosts.iter().all(|h| lookup(h, "dataproducer").len() == HOSTS));
+    println!("  every host's DNS knows the {HOSTS} data producers: {everywhere} ({:.1?} after the first docker run)", t0.elapsed());
+    if !everywhere {
+        fail("names did not spread");
+    }
 
-    step("what the kernel did (host1's counters; no packet went through the agent)");
-    let report = agents[0].report();
+    step("DNS: the guide's `dig +short dataproducer`, from a container, twice (answers shuffled)");
+    for _ in 0..2 {
+        let out = hosts[1].docker(&["run", "--rm", BUSYBOX, "nslookup", "dataproducer"]);
+        let addrs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("Address: "))
+            .map(str::to_string)
+            .collect();
+        println!("  {}", addrs.join("  "));
+    }
+
+    step(&format!("fetch every httpserver {FETCHES} times (from each host's own namespace)"));
+    let mut producers_seen: BTreeSet<String> = BTreeSet::new();
+    let mut answered = 0;
+    for h in &hosts {
+        let Some(addr) = h.addrs_of("httpserver").first().and_then(|a| a.parse().ok()) else { fail("httpserver has no address") };
+        println!("  {} httpserver http://{addr}/", h.host.name);
+        for _ in 0..FETCHES {
+            let page = http_get(&h.host.ns, addr, "/");
+            match page.as_deref().and_then(producer_message) {
+                Some(msg) if msg.starts_with("Hi, this is the data producer in ") => {
+                    answered += 1;
+                    let ip = msg.rsplit(' ').next().unwrap_or_default().to_string();
+                    let on = host_of.get(&ip).cloned().unwrap_or_else(|| "?".into());
+                    println!("    {msg}   (on {on})");
+                    producers_seen.insert(on);
+                }
+                _ => println!("    no answer: {page:?}"),
+            }
+        }
+    }
+    let total = HOSTS * FETCHES;
+    println!("  {answered}/{total} answered, by data producers on {} hosts: {}", producers_seen.len(), producers_seen.iter().cloned().collect::<Vec<_>>().join(", "));
+    let mut success = answered == total && producers_seen.len() >= 2;
+
+    if redis.is_ok() {
+        step("the hit counter: one redis on host1, a hit-counter on every host, found by name");
+        let mut counts = Vec::new();
+        for h in &hosts {
+            let Some(addr) = h.addrs_of("hit-counter").first().and_then(|a| a.parse().ok()) else { fail("hit-counter has no address") };
+            for _ in 0..2 {
+                let page = http_get(&h.host.ns, addr, "/").unwrap_or_default();
+                println!("  {}: {}", h.host.name, page.trim());
+                counts.push(page.split("seen ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse::<u64>().ok()));
+            }
+        }
+        let counted = counts.iter().all(Option::is_some) && counts.windows(2).all(|w| w[0] < w[1]);
+        println!("  every hit counted once, in order: {counted}");
+        success &= counted;
+    }
+
+    step("what the kernel did (host1's data path; no packet went through the agent)");
+    let report = hosts[0].agent.report();
     let paths = &report["datapath"]["stats"]["paths"];
-    for p in ["arp_reply", "local", "encap", "decap", "relay", "pass"] {
+    for p in ["arp_reply", "local", "encap", "decap", "pass"] {
         println!("  {p:<10} {:>8} packets", paths[p]["packets"].as_u64().unwrap_or(0));
     }
 
-    step("stop host2's agent: the data path keeps forwarding");
-    agents[1].stop();
-    let across: Vec<(&Container, &Container)> = containers
-        .iter()
-        .flat_map(|a| containers.iter().map(move |b| (a, b)))
-        .filter(|(a, b)| a.host != b.host && (a.host == 1 || b.host == 1))
-        .collect();
-    let still = across.iter().filter(|(a, b)| a.ns.ping(b.addr)).count();
-    println!("  {still}/{} pairs to and from host2 still answer with its agent stopped", across.len());
-    agents[1].start();
-    let back = wait_until(Duration::from_secs(20), || agents[1].established() == HOSTS - 1);
-    println!("  agent restarted and adopted its pinned data path: rejoined the mesh = {back}");
-
-    let success = ok == total && tcp_ok == total && still == across.len() && back;
-    println!("\n{}", if success { "weft works: every pair talks, across hosts, in the kernel." } else { "SOMETHING FAILED (see above)" });
-
+    println!(
+        "\n{}",
+        if success {
+            "weft works: containers started with plain docker commands find each other by name, across hosts, load-balanced."
+        } else {
+            "SOMETHING FAILED (see above)"
+        }
+    );
     if std::io::stdin().is_terminal() {
         println!("\nThe cluster is up. In another terminal, for example:");
-        println!("  nsenter --net=/run/netns/{} {} status", hosts[0].name, weft_tests::agent::weft_bin().display());
-        println!("  nsenter --net=/run/netns/{} ping {}", containers[0].ns.name(), containers[n - 1].addr);
-        println!("  bpftool map dump pinned /sys/fs/bpf/weft/{}/ENDPOINTS", hosts[0].name);
+        println!("  DOCKER_HOST={} docker ps", hosts[0].proxy);
+        println!("  DOCKER_HOST={} docker run --rm {BUSYBOX} nslookup httpserver", hosts[1].proxy);
+        println!("  nsenter --net=/run/netns/{} {} status", hosts[0].host.name, weft_tests::agent::weft_bin().display());
         println!("Press Enter to tear it down.");
         let mut line = String::new();
         let _ = std::io::stdin().read_line(&mut line);
     }
-    drop(containers);
-    drop(agents);
     drop(hosts);
-    drop(underlay);
+    drop(lan);
     if !success {
         std::process::exit(1);
     }
