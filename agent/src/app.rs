@@ -180,8 +180,16 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
 
     endpoints::announce_local(dp.as_ref(), &table, &mesh).await;
     let shutdown = CancellationToken::new();
-    // No discovery source yet: a gone peer is judged by the mesh alone.
-    let (_discovery_tx, discovery_rx) = tokio::sync::watch::channel(None);
+    // Without a discovery source a gone peer is judged by the mesh alone.
+    let (discovery_tx, discovery_rx) = tokio::sync::watch::channel(None);
+    let settings = crate::discovery::Settings { peer_group_tag: args.aws_peer_group_tag.clone(), ecs_cluster: args.aws_ecs_cluster.clone() };
+    if let Some(source) = crate::discovery::source(args.discovery, &settings).await.map_err(AppError::Usage)? {
+        if !(args.discovery_interval.is_finite() && args.discovery_interval >= 0.1) {
+            return Err(AppError::Usage("--discovery-interval must be at least 0.1 seconds".into()));
+        }
+        let interval = Duration::from_secs_f64(args.discovery_interval);
+        tokio::spawn(crate::discovery::run(source, mesh.clone(), discovery_tx, interval, shutdown.child_token()));
+    }
     let ipam = crate::ipam::spawn(ipam_config, ipam_pending, store.clone(), mesh.clone(), discovery_rx, shutdown.child_token());
     let dns = if args.no_dns {
         None

@@ -118,6 +118,27 @@ pub struct LaunchArgs {
     #[arg(long)]
     pub no_discovery: bool,
 
+    /// Where else to find peers: `aws-asg` asks AWS for this instance's Auto
+    /// Scaling group (or `weave:peerGroupName` tag, or ECS cluster), periodically
+    /// (needs a weft built with the `aws` feature).
+    #[arg(long, env = "WEFT_DISCOVERY", value_enum, default_value = "none")]
+    pub discovery: crate::discovery::Kind,
+
+    /// Seconds between two discovery rounds.
+    #[arg(long, env = "WEFT_DISCOVERY_INTERVAL", default_value_t = 30.0)]
+    pub discovery_interval: f64,
+
+    /// With `--discovery aws-asg`: instances with the same value of this tag
+    /// are one group, whatever their Auto Scaling group (empty: off).
+    #[arg(long, env = "WEFT_AWS_PEER_GROUP_TAG", default_value = "weave:peerGroupName")]
+    pub aws_peer_group_tag: String,
+
+    /// With `--discovery aws-asg`: the ECS cluster whose Auto Scaling groups
+    /// (tagged weft:ecs-cluster=NAME) are one group; default: ECS_CLUSTER from
+    /// /etc/ecs/ecs.config, if any.
+    #[arg(long, env = "WEFT_ECS_CLUSTER")]
+    pub aws_ecs_cluster: Option<String>,
+
     /// Subnets whose peers need no encryption (accepted for Weave compatibility;
     /// the data path is not encrypted yet, so it changes nothing today).
     #[arg(long, value_delimiter = ',')]

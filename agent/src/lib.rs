@@ -16,6 +16,7 @@ pub mod app;
 pub mod attach;
 pub mod cli;
 pub mod datapath;
+pub mod discovery;
 pub mod docker;
 pub mod dns;
 pub mod endpoints;

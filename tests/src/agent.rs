@@ -38,12 +38,19 @@ pub struct Agent {
     state_dir: PathBuf,
     log: PathBuf,
     args: Vec<String>,
+    /// Extra environment (AWS endpoints and credentials in the AWS tests).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Agent {
     /// Launches an agent on `host` connecting to `peers`, with `extra` flags.
     pub fn launch(host: &Host, peers: &[Ipv4Addr], extra: &[&str]) -> Agent {
+        Agent::launch_with_env(host, peers, extra, &[])
+    }
+
+    /// [`Agent::launch`] with extra environment variables.
+    pub fn launch_with_env(host: &Host, peers: &[Ipv4Addr], extra: &[&str], env: &[(String, String)]) -> Agent {
         let id = unique("ag");
         let mut args: Vec<String> = vec!["launch".into()];
         args.extend(peers.iter().map(ToString::to_string));
@@ -86,6 +93,7 @@ impl Agent {
             state_dir,
             log,
             args,
+            env: env.to_vec(),
             child: None,
         };
         agent.start();
@@ -100,6 +108,7 @@ impl Agent {
             .ns
             .cmd(weft_bin().to_str().expect("utf-8 path"))
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -110,6 +119,18 @@ impl Agent {
             self.exited().is_some() || self.try_cli(&["status"]).status.success()
         });
         assert!(ready && self.exited().is_none(), "agent did not start:\n{}", self.log());
+    }
+
+    /// IPAM: how many addresses each peer owns, as this agent sees it.
+    pub fn ownership(&self) -> std::collections::BTreeMap<String, u64> {
+        let r = self.report();
+        r["ipam"]["peers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| Some((p["peer"].as_str()?.to_string(), p["owned"].as_u64()?)))
+            .collect()
     }
 
     /// The exit status, if the process ended.

@@ -8,6 +8,7 @@
 //! `ip netns exec`, which remounts /sys and hides bpffs).
 
 pub mod agent;
+pub mod aws;
 pub mod bench;
 pub mod demo;
 pub mod docker;
@@ -215,6 +216,12 @@ impl Underlay {
 
     /// A host on the LAN (192.168.0.N/24 on `eth0`).
     pub fn host(&mut self, label: &str) -> Host {
+        let addr = Ipv4Addr::new(192, 168, 0, self.hosts as u8 + 1);
+        self.host_at(label, addr)
+    }
+
+    /// A host on the LAN with address `addr` (in 192.168.0.0/24, not taken).
+    pub fn host_at(&mut self, label: &str, addr: Ipv4Addr) -> Host {
         self.hosts += 1;
         let n = self.hosts;
         let ns = Netns::new(label);
@@ -225,7 +232,6 @@ impl Underlay {
             "name", &port, "netns", self.switch.name(), "mtu", &self.mtu.to_string(),
         ]);
         self.switch.ip(&["link", "set", &port, "master", "br0", "up"]);
-        let addr = Ipv4Addr::new(192, 168, 0, n as u8);
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
         Host { ns, name, ip: addr, iface: "eth0".into(), links: 0 }

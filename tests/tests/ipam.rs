@@ -56,17 +56,6 @@ fn assert_no_duplicates(allocs: &[(Ipv4Addr, usize, String)]) {
 }
 
 /// Who owns how much, as one agent sees it.
-fn ownership(agent: &Agent) -> BTreeMap<String, u64> {
-    let r = agent.report();
-    r["ipam"]["peers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|p| (p["peer"].as_str().unwrap().to_string(), p["owned"].as_u64().unwrap()))
-        .collect()
-}
-
 #[test]
 fn a_thousand_parallel_allocations_never_duplicate() {
     if !root_or_skip("ipam_parallel") {
@@ -151,8 +140,8 @@ fn a_partition_allocates_on_both_sides_and_heals_without_duplicates() {
     let refs: Vec<&Agent> = agents.iter().collect();
     assert!(
         wait_until(Duration::from_secs(20), || {
-            let first = ownership(&agents[0]);
-            agents.iter().all(|a| ownership(a) == first)
+            let first = agents[0].ownership();
+            agents.iter().all(|a| a.ownership() == first)
         }),
         "every ring identical after healing"
     );
@@ -191,7 +180,7 @@ fn rmpeer_takes_over_a_dead_peers_space() {
     let (_u, _hosts, mut agents) = cluster(3, &["--ipalloc-reclaim-after", "never"]);
     allocate(&agents[0], "x").unwrap();
     let dead = agents[2].name.clone();
-    assert!(wait_until(Duration::from_secs(10), || ownership(&agents[0]).get(&dead).copied().unwrap_or(0) > 0));
+    assert!(wait_until(Duration::from_secs(10), || agents[0].ownership().get(&dead).copied().unwrap_or(0) > 0));
     // rmpeer refuses a live peer.
     let live = agents[0].try_cli(&["rmpeer", &agents[1].name]);
     assert!(!live.status.success() && String::from_utf8_lossy(&live.stderr).contains("reachable"));
@@ -201,11 +190,11 @@ fn rmpeer_takes_over_a_dead_peers_space() {
     assert!(out.contains("addresses taken over"), "{out}");
     assert!(
         wait_until(Duration::from_secs(10), || {
-            agents[..2].iter().all(|a| !ownership(a).contains_key(&dead))
+            agents[..2].iter().all(|a| !a.ownership().contains_key(&dead))
         }),
         "the dead peer owns nothing anywhere"
     );
-    let total: u64 = ownership(&agents[1]).values().sum();
+    let total: u64 = agents[1].ownership().values().sum();
     assert_eq!(total, 65536, "the whole range is still owned");
     // Its space is usable (after the settle period).
     let status = agents[0].cli(&["status", "ipam"]);
@@ -220,21 +209,21 @@ fn a_dead_peers_space_is_reclaimed_automatically_by_exactly_one_peer() {
     let (_u, _hosts, mut agents) = cluster(4, &["--ipalloc-reclaim-after", "2s"]);
     allocate(&agents[0], "x").unwrap();
     let dead = agents[3].name.clone();
-    assert!(wait_until(Duration::from_secs(10), || agents.iter().all(|a| ownership(a).len() == 4)));
-    let before = ownership(&agents[0]);
+    assert!(wait_until(Duration::from_secs(10), || agents.iter().all(|a| a.ownership().len() == 4)));
+    let before = agents[0].ownership();
     agents[3].kill9();
     let reclaimed = wait_until(Duration::from_secs(20), || {
-        agents[..3].iter().all(|a| !ownership(a).contains_key(&dead))
+        agents[..3].iter().all(|a| !a.ownership().contains_key(&dead))
     });
     assert!(reclaimed, "reclaimed after the grace period");
-    let after = ownership(&agents[0]);
+    let after = agents[0].ownership();
     let gainers: Vec<&String> = after.iter().filter(|(p, n)| before.get(*p).is_some_and(|b| *n > b)).map(|(p, _)| p).collect();
     assert_eq!(gainers.len(), 1, "exactly one peer took the space: {before:?} -> {after:?}");
     let smallest = agents[..3].iter().map(|a| a.name.clone()).min().unwrap();
     assert_eq!(gainers[0], &smallest, "the live peer with the smallest name");
     assert_eq!(after.values().sum::<u64>(), 65536);
     for a in &agents[1..3] {
-        assert_eq!(ownership(a), after, "every live peer agrees");
+        assert_eq!(a.ownership(), after, "every live peer agrees");
     }
 }
 
@@ -245,14 +234,14 @@ fn a_minority_never_reclaims() {
     }
     let (_u, hosts, agents) = cluster(4, &["--ipalloc-reclaim-after", "1s"]);
     allocate(&agents[0], "x").unwrap();
-    assert!(wait_until(Duration::from_secs(10), || agents.iter().all(|a| ownership(a).len() == 4)));
+    assert!(wait_until(Duration::from_secs(10), || agents.iter().all(|a| a.ownership().len() == 4)));
     // Host 0 alone against three: it must not take their space.
     cut(&hosts[0], &hosts[1..].iter().map(|h| h.ip).collect::<Vec<_>>());
     for h in &hosts[1..] {
         cut(h, &[hosts[0].ip]);
     }
     std::thread::sleep(Duration::from_secs(6));
-    let lonely = ownership(&agents[0]);
+    let lonely = agents[0].ownership();
     assert_eq!(lonely.len(), 4, "the minority side reclaimed nothing: {lonely:?}");
     for h in &hosts {
         heal(h);
@@ -266,7 +255,7 @@ fn a_claim_against_a_stopped_peer_answers_at_once() {
     }
     let (_u, _hosts, mut agents) = cluster(2, &["--ipalloc-reclaim-after", "never"]);
     allocate(&agents[0], "x").unwrap();
-    assert!(wait_until(Duration::from_secs(10), || ownership(&agents[0]).len() == 2));
+    assert!(wait_until(Duration::from_secs(10), || agents[0].ownership().len() == 2));
     // An address in agent 1's half: the ring is cut in name order.
     let theirs = if agents[1].name < agents[0].name { "10.32.100.7" } else { "10.32.200.7" };
     agents[1].stop();

@@ -616,7 +616,10 @@ impl Actor {
             .filter(|(p, _)| match (&discovered, self.last_addr.get(p)) {
                 // Discovery still lists its address: it may be coming back.
                 (Some(found), Some(addr)) => !found.contains(addr),
-                _ => true,
+                // Discovery runs, but this peer's address was never seen: whether
+                // it was terminated cannot be told, so `weft rmpeer` decides.
+                (Some(_), None) => false,
+                (None, _) => true,
             })
             .map(|(p, _)| *p)
             .collect();

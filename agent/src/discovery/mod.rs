@@ -1,0 +1,189 @@
+//! Peer sources beyond the command line: today the AWS Auto Scaling group
+//! (feature `aws`, `--discovery aws-asg`).
+//!
+//! A [`Source`] answers "which hosts belong with this one now?". [`run`] asks
+//! it periodically and keeps the mesh in line: new hosts become targets, hosts
+//! the source no longer lists are forgotten (only those it added: peers given on
+//! the command line stay), and IPAM learns the current set, so a host that is
+//! gone for good (terminated) can have its address space reclaimed while one
+//! that is merely unreachable keeps it. A failing source (no metadata service,
+//! no credentials, throttling, 5xx) is logged with what to do, retried with
+//! backoff, and changes nothing: the agent keeps the peers it has.
+//!
+//! Owns: nothing but its last answer. Uses: the mesh handle, the IPAM watch.
+
+#[cfg(feature = "aws")]
+pub mod aws;
+#[cfg(feature = "aws")]
+pub mod ec2;
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::mesh::MeshHandle;
+
+/// What a source found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Found {
+    /// This host's own address in the group, if the source knows it (left out
+    /// of the targets).
+    pub me: Option<Ipv4Addr>,
+    /// Every member's address (this host's included).
+    pub members: BTreeSet<Ipv4Addr>,
+    /// How the members were chosen, for the log ("Auto Scaling group web-asg").
+    pub group: String,
+}
+
+/// Why a source could not answer; the message says what to do.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceError(pub String);
+
+/// A peer source.
+#[async_trait::async_trait]
+pub trait Source: Send + Sync {
+    async fn discover(&self) -> Result<Found, SourceError>;
+}
+
+/// The sources `--discovery` can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// Only the peers given on the command line and learned over the mesh.
+    None,
+    /// The instance's EC2 Auto Scaling group (or its `weave:peerGroupName` tag,
+    /// or the groups tagged with its ECS cluster).
+    AwsAsg,
+}
+
+/// The longest wait between attempts after failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Asks `source` every `interval` (after a failure: 1 s, doubling up to
+/// `interval` or 5 minutes) and applies the answer; until `cancel`.
+pub async fn run(
+    source: Box<dyn Source>,
+    mesh: MeshHandle,
+    ipam_view: watch::Sender<Option<BTreeSet<Ipv4Addr>>>,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    let mut added: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut backoff = Duration::from_secs(1);
+    let mut failures = 0u32;
+    loop {
+        let wait = match source.discover().await {
+            Ok(found) => {
+                if failures > 0 {
+                    info!(failures, "discovery: answering again");
+                }
+                failures = 0;
+                backoff = Duration::from_secs(1);
+                apply(&found, &mut added, &mesh).await;
+                ipam_view.send_replace(Some(found.members.clone()));
+                interval
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(
+                    error = %e,
+                    attempt = failures,
+                    retry_in = ?backoff,
+                    peers = added.len(),
+                    "discovery failed; keeping the peers weft has and retrying"
+                );
+                let wait = backoff;
+                backoff = (backoff * 2).min(interval.max(Duration::from_secs(1))).min(MAX_BACKOFF);
+                wait
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Connects to new members, forgets the ones this source added that left.
+async fn apply(found: &Found, added: &mut BTreeSet<Ipv4Addr>, mesh: &MeshHandle) {
+    let want: BTreeSet<Ipv4Addr> = found.members.iter().copied().filter(|a| Some(*a) != found.me).collect();
+    let (join, leave) = diff(added, &want);
+    if !join.is_empty() {
+        info!(group = %found.group, peers = ?join, "discovery: new peers");
+        if mesh.connect(join.iter().map(ToString::to_string).collect(), false).await.is_err() {
+            return;
+        }
+    }
+    if !leave.is_empty() {
+        info!(group = %found.group, peers = ?leave, "discovery: peers left the group; forgetting them");
+        if mesh.forget(leave.iter().map(ToString::to_string).collect()).await.is_err() {
+            return;
+        }
+    }
+    *added = want;
+}
+
+/// What to add and what to drop to go from `have` to `want`.
+fn diff(have: &BTreeSet<Ipv4Addr>, want: &BTreeSet<Ipv4Addr>) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
+    (want.difference(have).copied().collect(), have.difference(want).copied().collect())
+}
+
+/// The source `kind` names, from the launch settings; an error says what to do.
+pub async fn source(kind: Kind, settings: &Settings) -> Result<Option<Box<dyn Source>>, String> {
+    match kind {
+        Kind::None => Ok(None),
+        #[cfg(feature = "aws")]
+        Kind::AwsAsg => Ok(Some(Box::new(aws::AwsSource::new(settings.clone()).await))),
+        #[cfg(not(feature = "aws"))]
+        Kind::AwsAsg => {
+            let _ = settings;
+            Err("--discovery aws-asg: this weft was built without AWS support; use a release built with `--features aws`".into())
+        }
+    }
+}
+
+/// Settings of the sources.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Instances carrying this tag (with the same value as this instance) are
+    /// one group, across Auto Scaling groups (Weave's `weave:peerGroupName`).
+    pub peer_group_tag: String,
+    /// The ECS cluster: the Auto Scaling groups tagged `weft:ecs-cluster` with
+    /// it are one group. Empty: read ECS_CLUSTER from /etc/ecs/ecs.config.
+    pub ecs_cluster: Option<String>,
+}
+
+/// ECS_CLUSTER from an ecs.config text (what the ECS agent reads).
+pub fn ecs_cluster_from_config(text: &str) -> Option<String> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("ECS_CLUSTER="))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .find(|v| !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(addrs: &[[u8; 4]]) -> BTreeSet<Ipv4Addr> {
+        addrs.iter().map(|a| Ipv4Addr::from(*a)).collect()
+    }
+
+    #[test]
+    fn diff_adds_and_drops() {
+        let (join, leave) = diff(&set(&[[10, 0, 0, 1], [10, 0, 0, 2]]), &set(&[[10, 0, 0, 2], [10, 0, 0, 3]]));
+        assert_eq!(join, vec![Ipv4Addr::new(10, 0, 0, 3)]);
+        assert_eq!(leave, vec![Ipv4Addr::new(10, 0, 0, 1)]);
+    }
+
+    #[test]
+    fn the_ecs_cluster_is_read_like_the_ecs_agent_does() {
+        assert_eq!(ecs_cluster_from_config("ECS_LOGLEVEL=info\nECS_CLUSTER=weft-demo\n").as_deref(), Some("weft-demo"));
+        assert_eq!(ecs_cluster_from_config("ECS_CLUSTER=\"quoted\"").as_deref(), Some("quoted"));
+        assert_eq!(ecs_cluster_from_config("ECS_CLUSTER=\n# nothing"), None);
+    }
+}

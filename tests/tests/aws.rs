@@ -1,0 +1,195 @@
+//! AWS discovery against moto (a real implementation of the AWS APIs) with an
+//! IMDSv2 stand-in, and the ECS deployment scripts. `cargo xtask test aws`
+//! runs these alone.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use weft_tests::agent::Agent;
+use weft_tests::aws::{FakeAws, Group};
+use weft_tests::{Underlay, root_or_skip, wait_until};
+
+const DISCOVER: &[&str] = &["--discovery", "aws-asg", "--discovery-interval", "0.3"];
+
+/// The mesh targets of an agent (`weft status targets`), as addresses.
+fn targets(a: &Agent) -> BTreeSet<Ipv4Addr> {
+    a.cli(&["status", "targets"])
+        .lines()
+        .filter_map(|l| l.trim().split(':').next().and_then(|h| h.parse().ok()))
+        .collect()
+}
+
+fn ips(list: &[(String, Ipv4Addr)], except: &str) -> BTreeSet<Ipv4Addr> {
+    list.iter().filter(|(id, _)| id != except).map(|(_, ip)| *ip).collect()
+}
+
+#[test]
+fn aws_discovery_follows_the_auto_scaling_group() {
+    if !root_or_skip("aws_discovery_follows_the_auto_scaling_group") {
+        return;
+    }
+    let mut lan = Underlay::new();
+    let aws = FakeAws::start(&mut lan);
+    let group = Group::create(&aws, "weft-asg", 3, &[]);
+    let inst = group.instances(&aws);
+    assert_eq!(inst.len(), 3);
+    // The agents' own instances survive the scale-in.
+    group.protect(&aws, &[&inst[0].0, &inst[1].0]);
+    let (h1, h2) = (lan.host("h1"), lan.host("h2"));
+    aws.imds_says(h1.ip, &inst[0].0, inst[0].1);
+    aws.imds_says(h2.ip, &inst[1].0, inst[1].1);
+    // a1 was also given a peer on the command line: discovery never drops it.
+    let a1 = Agent::launch_with_env(&h1, &[h2.ip], DISCOVER, &aws.env());
+    let a2 = Agent::launch_with_env(&h2, &[], DISCOVER, &aws.env());
+    let follows = |n: u32| {
+        let now = group.instances(&aws);
+        assert_eq!(now.len(), n as usize, "moto has {n} InService");
+        let (want1, want2) = (ips(&now, &inst[0].0), ips(&now, &inst[1].0));
+        let ok = wait_until(Duration::from_secs(20), || {
+            targets(&a1) == want1.iter().copied().chain([h2.ip]).collect() && targets(&a2) == want2
+        });
+        assert!(ok, "{n} instances: a1 {:?} (want {want1:?} + {}), a2 {:?} (want {want2:?})\n{}", targets(&a1), h2.ip, targets(&a2), a1.log());
+    };
+    follows(3);
+    group.scale(&aws, 5);
+    follows(5);
+    group.scale(&aws, 2);
+    follows(2);
+    assert!(a1.log().contains("discovery: peers left the group"), "scale-in is logged");
+}
+
+#[test]
+fn aws_discovery_groups_by_tag_and_by_ecs_cluster() {
+    if !root_or_skip("aws_discovery_groups_by_tag_and_by_ecs_cluster") {
+        return;
+    }
+    let mut lan = Underlay::new();
+    let aws = FakeAws::start(&mut lan);
+    // Two groups of one ECS cluster, and a third group of the same VPC that is not ours.
+    let web = Group::create(&aws, "web", 2, &[("weft:ecs-cluster", "demo")]);
+    let batch = Group::create(&aws, "batch", 1, &[("weft:ecs-cluster", "demo")]);
+    let other = Group::create(&aws, "other", 2, &[]);
+    let (web_i, batch_i, other_i) = (web.instances(&aws), batch.instances(&aws), other.instances(&aws));
+    let h = lan.host("h");
+    aws.imds_says(h.ip, &web_i[0].0, web_i[0].1);
+    let mut args = DISCOVER.to_vec();
+    args.extend(["--aws-ecs-cluster", "demo"]);
+    let a = Agent::launch_with_env(&h, &[], &args, &aws.env());
+    let want: BTreeSet<Ipv4Addr> = web_i.iter().skip(1).chain(&batch_i).map(|(_, ip)| *ip).collect();
+    assert!(wait_until(Duration::from_secs(20), || targets(&a) == want), "cluster: {:?} want {want:?}\n{}", targets(&a), a.log());
+    assert!(a.log().contains("ECS cluster demo"), "{}", a.log());
+    drop(a);
+    // Weave's weave:peerGroupName: instances with the same value, across groups.
+    let tag = |id: &str, v: &str| aws.aws(&["ec2", "create-tags", "--resources", id, "--tags", &format!("Key=weave:peerGroupName,Value={v}")]);
+    tag(&other_i[0].0, "blue");
+    tag(&batch_i[0].0, "blue");
+    tag(&other_i[1].0, "green");
+    aws.imds_says(h.ip, &other_i[0].0, other_i[0].1);
+    let a = Agent::launch_with_env(&h, &[], DISCOVER, &aws.env());
+    let want: BTreeSet<Ipv4Addr> = [batch_i[0].1].into();
+    assert!(wait_until(Duration::from_secs(20), || targets(&a) == want), "tag: {:?} want {want:?}\n{}", targets(&a), a.log());
+}
+
+#[test]
+fn aws_failures_are_logged_retried_and_keep_the_peers() {
+    if !root_or_skip("aws_failures_are_logged_retried_and_keep_the_peers") {
+        return;
+    }
+    let mut lan = Underlay::new();
+    let aws = FakeAws::start(&mut lan);
+    let group = Group::create(&aws, "weft-asg", 3, &[]);
+    let inst = group.instances(&aws);
+    let h = lan.host("h");
+    let want = ips(&inst, &inst[0].0);
+
+    // No metadata service at all (not an EC2 instance): the agent runs, says why, retries.
+    let mut env = aws.env();
+    env.retain(|(k, _)| k != "AWS_EC2_METADATA_SERVICE_ENDPOINT");
+    env.push(("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), format!("http://{}:9", aws.host.ip)));
+    let mut a = Agent::launch_with_env(&h, &[], DISCOVER, &env);
+    assert!(
+        wait_until(Duration::from_secs(20), || a.log().matches("instance metadata service").count() >= 2),
+        "no IMDS: logged and retried\n{}",
+        a.log()
+    );
+    assert!(a.exited().is_none() && a.try_cli(&["status"]).status.success(), "the agent keeps running");
+    drop(a);
+
+    // No credentials: the metadata service answers, but there is no role and no keys.
+    aws.imds_says(h.ip, &inst[0].0, inst[0].1);
+    let mut env = aws.env();
+    env.retain(|(k, _)| !k.starts_with("AWS_ACCESS_KEY_ID") && !k.starts_with("AWS_SECRET_ACCESS_KEY"));
+    let mut a = Agent::launch_with_env(&h, &[], DISCOVER, &env);
+    assert!(
+        wait_until(Duration::from_secs(30), || a.log().matches("discovery failed").count() >= 2),
+        "no credentials: logged and retried\n{}",
+        a.log()
+    );
+    assert!(a.log().to_lowercase().contains("credentials"), "the log says what is missing:\n{}", a.log());
+    assert!(a.exited().is_none(), "the agent keeps running");
+    drop(a);
+
+    // Throttling and 5xx from the API: first before the agent has any peer...
+    aws.inject_faults(12, 400, "Throttling");
+    let a = Agent::launch_with_env(&h, &[], DISCOVER, &aws.env());
+    assert!(wait_until(Duration::from_secs(60), || targets(&a) == want), "recovers after throttling\n{}", a.log());
+    assert_eq!(aws.stats().1, 12, "every injected fault was met");
+    assert!(a.log().contains("Throttling"), "throttling is logged:\n{}", a.log());
+    // ...then with peers: 5xx changes nothing, even while the group shrinks.
+    aws.inject_faults(30, 503, "ServiceUnavailable");
+    group.protect(&aws, &[&inst[0].0]);
+    group.scale(&aws, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(targets(&a), want, "the peers it had stay while AWS fails\n{}", a.log());
+    assert!(a.log().contains("503"), "5xx is logged:\n{}", a.log());
+    // When AWS answers again, the scale-in is followed.
+    assert!(wait_until(Duration::from_secs(90), || targets(&a).is_empty()), "follows once AWS is back\n{}", a.log());
+}
+
+#[test]
+fn aws_discovery_builds_the_mesh_and_gates_ipam_reclaim() {
+    if !root_or_skip("aws_discovery_builds_the_mesh_and_gates_ipam_reclaim") {
+        return;
+    }
+    let mut lan = Underlay::new();
+    let aws = FakeAws::start(&mut lan);
+    // Instances whose private addresses are the simulated hosts' own.
+    let subnet = Group::lan_subnet(&aws);
+    let group = Group::create_in(&aws, "weft-asg", 3, &[], &subnet);
+    let inst = group.instances(&aws);
+    let hosts: Vec<_> = inst.iter().enumerate().map(|(i, (_, ip))| lan.host_at(&format!("i{i}"), *ip)).collect();
+    for ((id, ip), h) in inst.iter().zip(&hosts) {
+        aws.imds_says(h.ip, id, *ip);
+    }
+    let mut args = DISCOVER.to_vec();
+    args.extend(["--ipalloc-init", "consensus=3", "--ipalloc-range", "10.32.0.0/16", "--ipalloc-reclaim-after", "2s"]);
+    // No peer on any command line: the group is the only way they meet.
+    let mut agents: Vec<Agent> = hosts.iter().map(|h| Agent::launch_with_env(h, &[], &args, &aws.env())).collect();
+    assert!(
+        wait_until(Duration::from_secs(30), || agents.iter().all(|a| a.established() == 2)),
+        "a full mesh from discovery alone:\n{}",
+        agents[0].log()
+    );
+    // Agreement on the ring, then one peer stops answering (its instance runs on).
+    let (code, body) = agents[0].http("POST", "/ip/x");
+    assert_eq!(code, 200, "{body}");
+    assert!(wait_until(Duration::from_secs(10), || agents.iter().all(|a| a.ownership().len() == 3)));
+    // IPAM notes where each peer lives on its 1 s tick: give it two.
+    std::thread::sleep(Duration::from_secs(2));
+    let gone = agents[2].name.clone();
+    agents[2].kill9();
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        agents[..2].iter().all(|a| a.ownership().get(&gone).copied().unwrap_or(0) > 0),
+        "unreachable but still in the group: its space stays its own"
+    );
+    // Terminated: discovery no longer lists it, and its space is taken over.
+    aws.aws(&["autoscaling", "terminate-instance-in-auto-scaling-group", "--instance-id", &inst[2].0, "--should-decrement-desired-capacity"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || agents[..2].iter().all(|a| !a.ownership().contains_key(&gone))),
+        "terminated and unreachable: reclaimed\n{}",
+        agents[0].log()
+    );
+    assert_eq!(agents[0].ownership().values().sum::<u64>(), 65536, "the whole range is still owned");
+}
