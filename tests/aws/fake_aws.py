@@ -134,6 +134,10 @@ def main():
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=MOTO_PORT, verbose=False)
     moto.start()
+    # moto advances an ECS task's state on every describe, so a task that ran
+    # stops on its own; real tasks keep running until stopped.
+    from moto.moto_api import state_manager
+    state_manager.set_transition(model_name="ecs::task", transition={"progression": "manual", "times": 10**9})
     servers = [
         http.server.ThreadingHTTPServer(("0.0.0.0", API_PORT), Front),
         http.server.ThreadingHTTPServer(("0.0.0.0", IMDS_PORT), Imds),

@@ -193,3 +193,118 @@ fn aws_discovery_builds_the_mesh_and_gates_ipam_reclaim() {
     );
     assert_eq!(agents[0].ownership().values().sum::<u64>(), 65536, "the whole range is still owned");
 }
+
+/// Runs a deploy/ecs script in the AWS host's namespace against moto.
+fn ecs_script(aws: &FakeAws, script: &str, args: &[&str], dir: &std::path::Path) -> std::process::Output {
+    let path = format!("{}/bin:{}", weft_tests::aws::venv().display(), std::env::var("PATH").unwrap_or_default());
+    aws.host
+        .ns
+        .cmd("bash")
+        .arg(weft_tests::aws::repo().join("deploy/ecs").join(script))
+        .args(["--endpoint-url", &aws.moto_url()])
+        .args(args)
+        .envs(aws.env())
+        .env_remove("AWS_ENDPOINT_URL")
+        .env("PATH", path)
+        .env("WEFT_ECS_STATE", dir.join("demo.state"))
+        .current_dir(dir)
+        .output()
+        .expect("run script")
+}
+
+#[test]
+fn aws_ecs_setup_then_cleanup_leaves_nothing_behind() {
+    if !root_or_skip("aws_ecs_setup_then_cleanup_leaves_nothing_behind") {
+        return;
+    }
+    let mut lan = Underlay::new();
+    let aws = std::sync::Arc::new(FakeAws::start(&mut lan));
+    let dir = std::env::temp_dir().join(weft_tests::unique("ecs"));
+    std::fs::create_dir_all(&dir).unwrap();
+    // What gets uploaded for the instances to download (moto runs no instance).
+    let binary = dir.join("weft");
+    std::fs::write(&binary, "#!/bin/sh\necho weft\n").unwrap();
+    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    // moto starts no ECS agent: this thread registers each InService instance with
+    // the cluster, as the agent the user data starts would.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let agent = {
+        let (aws, stop) = (aws.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut registered = BTreeSet::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && registered.len() < 3 {
+                std::thread::sleep(Duration::from_millis(500));
+                let g = Group { name: "weft-ecs-demo-group".into() };
+                let out = aws.cli(&["autoscaling", "describe-auto-scaling-groups", "--auto-scaling-group-names", &g.name]).output().unwrap();
+                if !out.status.success() {
+                    continue;
+                }
+                for (id, _) in g.instances(&aws) {
+                    if registered.insert(id.clone()) {
+                        let doc = format!("{{\"instanceId\": \"{id}\"}}");
+                        aws.aws(&["ecs", "register-container-instance", "--cluster", "weft-ecs-demo-cluster", "--instance-identity-document", &doc]);
+                    }
+                }
+            }
+        })
+    };
+    let key = dir.join("key.pem");
+    let setup = ecs_script(&aws, "setup.sh", &["--weft-binary", binary.to_str().unwrap(), "--wait-timeout", "60", "--key-file", key.to_str().unwrap()], &dir);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    agent.join().unwrap();
+    let out = String::from_utf8_lossy(&setup.stdout).into_owned();
+    assert!(setup.status.success(), "setup.sh:\n{out}\n{}", String::from_utf8_lossy(&setup.stderr));
+    assert!(out.contains("Setup is ready!") && out.matches("  http://").count() == 3, "{out}");
+    assert!(std::fs::read_to_string(&key).unwrap().contains("PRIVATE KEY"), "the key pair's file");
+    // What it built.
+    let c = aws.aws(&["ecs", "describe-clusters", "--clusters", "weft-ecs-demo-cluster"]);
+    assert_eq!(c["clusters"][0]["registeredContainerInstancesCount"], 3);
+    let services = aws.aws(&["ecs", "list-services", "--cluster", "weft-ecs-demo-cluster"]);
+    assert_eq!(services["serviceArns"].as_array().map(Vec::len), Some(2), "hit-counter and redis");
+    let lt = aws.aws(&["ec2", "describe-launch-template-versions", "--launch-template-name", "weft-ecs-demo-launch-template"]);
+    let user_data = lt["LaunchTemplateVersions"][0]["LaunchTemplateData"]["UserData"].as_str().unwrap_or_default().to_string();
+    let decoded = String::from_utf8(
+        std::process::Command::new("base64").arg("-d").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(user_data.as_bytes())?;
+            c.wait_with_output()
+        }).unwrap().stdout,
+    )
+    .unwrap();
+    assert!(decoded.contains("ECS_CLUSTER=weft-ecs-demo-cluster") && decoded.contains("weft launch") && decoded.contains("/weft?") && decoded.contains("Signature=") && !decoded.contains("@WEFT_URL@"), "{decoded}");
+    let sg = aws.aws(&["ec2", "describe-security-groups", "--filters", "Name=group-name,Values=weft-ecs-demo"]);
+    let perms = sg["SecurityGroups"][0]["IpPermissions"].to_string();
+    assert!(perms.contains("6783") && perms.contains("6784") && perms.contains("\"FromPort\":22") && perms.contains("\"FromPort\":80"), "{perms}");
+
+    let cleanup = ecs_script(&aws, "cleanup.sh", &["--key-file", key.to_str().unwrap()], &dir);
+    let out = String::from_utf8_lossy(&cleanup.stdout).into_owned();
+    assert!(cleanup.status.success(), "cleanup.sh:\n{out}\n{}", String::from_utf8_lossy(&cleanup.stderr));
+    assert!(!key.exists(), "the key file went too");
+    // Nothing left.
+    let empty = |v: serde_json::Value, what: &str| {
+        let n = v.as_array().map_or(0, Vec::len);
+        assert_eq!(n, 0, "{what} left behind: {v}");
+    };
+    empty(aws.aws(&["autoscaling", "describe-auto-scaling-groups"])["AutoScalingGroups"].clone(), "Auto Scaling groups");
+    empty(aws.aws(&["ec2", "describe-instances", "--filters", "Name=instance-state-name,Values=pending,running,stopping,stopped"])["Reservations"].clone(), "instances");
+    empty(aws.aws(&["ec2", "describe-launch-templates"])["LaunchTemplates"].clone(), "launch templates");
+    empty(aws.aws(&["ec2", "describe-security-groups", "--filters", "Name=group-name,Values=weft-ecs-demo"])["SecurityGroups"].clone(), "security groups");
+    empty(aws.aws(&["ec2", "describe-key-pairs"])["KeyPairs"].clone(), "key pairs");
+    empty(aws.aws(&["s3api", "list-buckets"])["Buckets"].clone(), "S3 buckets");
+    let roles = aws.aws(&["iam", "list-roles"])["Roles"].clone();
+    assert!(!roles.to_string().contains("weft-ecs-demo"), "IAM roles left: {roles}");
+    empty(aws.aws(&["iam", "list-instance-profiles"])["InstanceProfiles"].clone(), "instance profiles");
+    // A deleted cluster stays visible as INACTIVE for a while (AWS and moto alike).
+    let clusters = aws.aws(&["ecs", "describe-clusters", "--clusters", "weft-ecs-demo-cluster"])["clusters"].clone();
+    assert!(clusters.as_array().into_iter().flatten().all(|c| c["status"] == "INACTIVE"), "clusters left: {clusters}");
+    empty(aws.aws(&["ecs", "list-task-definitions", "--status", "ACTIVE"])["taskDefinitionArns"].clone(), "task definitions");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn aws_ecs_cloudformation_template_passes_cfn_lint() {
+    let template = weft_tests::aws::repo().join("deploy/ecs/weft-ecs.yaml");
+    let out = std::process::Command::new(weft_tests::aws::venv().join("bin/cfn-lint")).arg(&template).output().expect("run cfn-lint");
+    assert!(out.status.success(), "cfn-lint {}:\n{}{}", template.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}

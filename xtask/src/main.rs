@@ -34,7 +34,12 @@ const PACKAGES: &[&str] = &[
     "runc",
     "tini",
     "busybox-static",
+    // AWS: moto, awscli and cfn-lint from PyPI in a venv (see aws_venv).
+    "python3-venv",
 ];
+
+/// The PyPI packages of the AWS tests.
+const PYPI: &[&str] = &["moto[server]", "awscli", "cfn-lint"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -163,21 +168,42 @@ fn prepare(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The venv with moto, awscli and cfn-lint for the AWS tests (outside the
+/// clone, so it is made once per machine): `WEFT_AWS_VENV` or
+/// /var/cache/weft/aws-venv. Made if missing.
+fn aws_venv() -> Result<PathBuf> {
+    let dir = std::env::var_os("WEFT_AWS_VENV").map_or_else(|| PathBuf::from("/var/cache/weft/aws-venv"), PathBuf::from);
+    let ready = ["bin/moto_server", "bin/aws", "bin/cfn-lint"].iter().all(|b| dir.join(b).exists());
+    if ready {
+        return Ok(dir);
+    }
+    eprintln!("installing {} into {}", PYPI.join(" "), dir.display());
+    // In place (a venv's scripts name its python by path); an interrupted
+    // install lacks one of the scripts above and is simply redone.
+    run(Command::new("python3").args(["-m", "venv"]).arg(&dir))?;
+    run(Command::new(dir.join("bin/pip")).args(["install", "--quiet", "--disable-pip-version-check"]).args(PYPI))?;
+    Ok(dir)
+}
+
 fn test(filters: &[String]) -> Result<()> {
     prepare("cargo xtask test")?;
+    let venv = aws_venv()?;
     // The integration tests run the agent binary; cargo builds a package's
-    // binaries only for that package's own tests, so build it explicitly.
-    run(cargo().args(["build", "-p", "weft", "--bin", "weft"]))?;
+    // binaries only for that package's own tests, so build it explicitly. With
+    // the `aws` feature (the AWS tests need it), the same for every crate so
+    // nothing is built twice.
+    run(cargo().args(["build", "-p", "weft", "--bin", "weft", "--features", "weft/aws"]))?;
     if has_nextest() {
         // Every test in its own process: namespaces entered by one cannot leak
         // into another, and a crash takes one test down, not the run.
         run(cargo()
-            .args(["nextest", "run", "--workspace", "--no-fail-fast", "--profile", "ci"])
-            .args(filters))
+            .args(["nextest", "run", "--workspace", "--features", "weft/aws", "--no-fail-fast", "--profile", "ci"])
+            .args(filters)
+            .env("WEFT_AWS_VENV", &venv))
     } else {
         eprintln!("cargo-nextest not found: falling back to cargo test");
         let mut cmd = cargo();
-        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+        cmd.args(["test", "--workspace", "--features", "weft/aws", "--no-fail-fast"]).env("WEFT_AWS_VENV", &venv);
         if let Some(filter) = filters.first() {
             cmd.arg(filter);
         }
