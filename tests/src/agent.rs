@@ -121,6 +121,14 @@ impl Agent {
         assert!(ready && self.exited().is_none(), "agent did not start:\n{}", self.log());
     }
 
+    /// `weft dns-lookup NAME`: the addresses (none when the name is unknown).
+    pub fn dns_lookup(&self, name: &str) -> Vec<String> {
+        match self.try_cli(&["dns-lookup", name]) {
+            o if o.status.success() => String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// IPAM: how many addresses each peer owns, as this agent sees it.
     pub fn ownership(&self) -> std::collections::BTreeMap<String, u64> {
         let r = self.report();

@@ -30,7 +30,10 @@ pub fn venv() -> PathBuf {
 
 /// The repository's root.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+    // The run-time value first (cargo and nextest set it): a test binary reused
+    // from another checkout through a shared target directory names that one.
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    dir.parent().expect("repo root").to_path_buf()
 }
 
 /// moto + front + IMDS on their own simulated host.

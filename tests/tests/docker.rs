@@ -25,10 +25,7 @@ fn start_server(h: &DockerHost, name: &str) {
 }
 
 fn lookup(h: &DockerHost, name: &str) -> Vec<String> {
-    match h.agent.try_cli(&["dns-lookup", name]) {
-        o if o.status.success() => String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect(),
-        _ => Vec::new(),
-    }
+    h.agent.dns_lookup(name)
 }
 
 #[test]

@@ -306,7 +306,7 @@ fn an_observer_triggers_the_election_but_gets_no_vote_and_no_space() {
     // Nobody allocated yet: the observer's request starts the election.
     let addr = allocate(&obs, "watcher").expect("the observer gets an address (by donation)");
     assert!(addr.octets()[..2] == [10, 32]);
-    let owners = ownership(&a);
+    let owners = a.ownership();
     assert!(owners.contains_key(&a.name) && owners.contains_key(&b.name), "{owners:?}");
     let observer_share = owners.get(&obs.name).copied().unwrap_or(0);
     // The ring was cut between the two voters only; the observer then got a

@@ -98,8 +98,9 @@ pub fn build_ebpf(src: &Path, out: &Path) -> Result<Vec<PathBuf>, BuildError> {
 
 /// The workspace root (the folder above `xtask/`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives one level below the workspace root")
-        .to_path_buf()
+    // The run-time value first (`cargo run` sets it): with build output shared
+    // between checkouts (CARGO_TARGET_DIR outside the clone) a binary built from
+    // another checkout can be reused, and its compile-time path names that one.
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    dir.parent().expect("xtask lives one level below the workspace root").to_path_buf()
 }

@@ -24,7 +24,7 @@ pub fn run_bench(runs: u32) {
     let server = a.attached_addrs("server");
     assert_eq!(server.len(), 1, "server attached");
     let ok = wait_until(Duration::from_secs(10), || {
-        b.agent.try_cli(&["dns-lookup", "server"]).stdout.starts_with(server[0].as_bytes())
+        b.agent.dns_lookup("server") == server
     });
     assert!(ok, "the name reaches host b");
 

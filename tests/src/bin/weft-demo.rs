@@ -25,13 +25,6 @@ fn fail(what: &str) -> ! {
     std::process::exit(1);
 }
 
-fn lookup(h: &DockerHost, name: &str) -> Vec<String> {
-    match h.agent.try_cli(&["dns-lookup", name]) {
-        o if o.status.success() => String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect(),
-        _ => Vec::new(),
-    }
-}
-
 fn main() {
     if !root_or_skip("weft demo") {
         std::process::exit(1);
@@ -50,8 +43,10 @@ fn main() {
     if !wait_until(Duration::from_secs(30), || hosts.iter().all(|h| h.agent.established() == HOSTS - 1)) {
         fail(&format!("the mesh did not form:\n{}", hosts[0].agent.cli(&["status", "peers"])));
     }
+    // Short names for the output (the namespaces have unique ones).
+    let label = |h: &DockerHost| format!("host{}", hosts.iter().position(|x| std::ptr::eq(x, h)).unwrap_or(0) + 1);
     for h in &hosts {
-        println!("  {:<18} underlay {:<13} DOCKER_HOST={}", h.host.name, h.host.ip, h.proxy);
+        println!("  {:<6} netns {:<16} underlay {:<13} DOCKER_HOST={}", label(h), h.host.name, h.host.ip, h.proxy);
     }
     println!("  {HOSTS} dockerds up, agents in a full mesh after {:.1?} (each was given only host1)", started.elapsed());
 
@@ -102,15 +97,15 @@ fn main() {
     }
     let mut host_of: BTreeMap<String, String> = BTreeMap::new();
     for h in &hosts {
-        println!("  {}: weft ps", h.host.name);
+        println!("  {}: weft ps", label(h));
         for line in h.agent.cli(&["ps"]).lines() {
             println!("    {line}");
             for w in line.split_whitespace().filter(|w| w.parse::<std::net::Ipv4Addr>().is_ok()) {
-                host_of.insert(w.to_string(), h.host.name.clone());
+                host_of.insert(w.to_string(), label(h));
             }
         }
     }
-    let everywhere = wait_until(Duration::from_secs(20), || hosts.iter().all(|h| lookup(h, "dataproducer").len() == HOSTS));
+    let everywhere = wait_until(Duration::from_secs(20), || hosts.iter().all(|h| h.agent.dns_lookup("dataproducer").len() == HOSTS));
     println!("  every host's DNS knows the {HOSTS} data producers: {everywhere} ({:.1?} after the first docker run)", t0.elapsed());
     if !everywhere {
         fail("names did not spread");
@@ -132,7 +127,7 @@ fn main() {
     let mut answered = 0;
     for h in &hosts {
         let Some(addr) = h.addrs_of("httpserver").first().and_then(|a| a.parse().ok()) else { fail("httpserver has no address") };
-        println!("  {} httpserver http://{addr}/", h.host.name);
+        println!("  {} httpserver http://{addr}/", label(h));
         for _ in 0..FETCHES {
             let page = http_get(&h.host.ns, addr, "/");
             match page.as_deref().and_then(producer_message) {
@@ -158,7 +153,7 @@ fn main() {
             let Some(addr) = h.addrs_of("hit-counter").first().and_then(|a| a.parse().ok()) else { fail("hit-counter has no address") };
             for _ in 0..2 {
                 let page = http_get(&h.host.ns, addr, "/").unwrap_or_default();
-                println!("  {}: {}", h.host.name, page.trim());
+                println!("  {}: {}", label(h), page.trim());
                 counts.push(page.split("seen ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse::<u64>().ok()));
             }
         }
