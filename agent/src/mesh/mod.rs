@@ -681,7 +681,12 @@ impl Actor {
             let old = self.conns.remove(&existing).expect("exists");
             old.cancel.cancel();
             debug!(peer = %hello.name, "duplicate connection: switching to the one the smaller name dialed");
+            let peer = hello.name;
             self.register(id, est, target, addr);
+            // What either side sent over the dropped connection may be lost.
+            let mut out = Outbox::default();
+            self.node.resync(peer, &mut out);
+            self.flush(out);
             return;
         }
         if self.conns.len() >= self.config.conn_limit {

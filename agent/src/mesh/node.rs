@@ -195,7 +195,13 @@ impl Node {
     pub fn connection_up(&mut self, peer: PeerName, addr: SocketAddr, outbound: bool, out: &mut Outbox) {
         self.own.connections.insert(peer, ConnEntry { addr, outbound });
         self.publish_own();
-        // A new neighbour gets everything we know.
+        self.resync(peer, out);
+    }
+
+    /// Sends `peer` everything we know (topology, then every channel's full
+    /// state): for a new neighbour, and when the connection to one was swapped
+    /// for another, since what went over the dropped one may be lost.
+    pub fn resync(&mut self, peer: PeerName, out: &mut Outbox) {
         let all: BTreeSet<PeerName> = self.topology.entries().map(|e| e.name).collect();
         self.pending.entry(peer).or_default().extend(all);
         for (name, ch) in &self.channels {
