@@ -517,3 +517,24 @@ fn multicast_follows_the_broadcast_tree_through_a_relay() {
     multicast_send(&ka, group, "tree", 4);
     assert_eq!((rb.join().unwrap(), rc.join().unwrap()), (4, 4), "B gets it, and passes it on to C, once each");
 }
+
+#[test]
+fn both_sides_learn_the_route_without_waiting_for_anti_entropy() {
+    if !root_or_skip("first_frames") {
+        return;
+    }
+    // The peer sends its first frames (topology, channel states) right after its
+    // handshake; they used to reach the agent before it had registered the
+    // connection and were dropped, so one side learned the route only at the next
+    // anti-entropy round (5 s). Several fresh pairs, each well under one round.
+    for round in 0..5 {
+        let mut u = Underlay::new();
+        let (ha, hb) = (u.host("a"), u.host("b"));
+        let a = Agent::launch(&ha, &[], &[]);
+        let b = Agent::launch(&hb, &[ha.ip], &[]);
+        let both = wait_until(Duration::from_secs(3), || {
+            a.dp_hosts().iter().any(|(h, _)| *h == hb.ip.to_string()) && b.dp_hosts().iter().any(|(h, _)| *h == ha.ip.to_string())
+        });
+        assert!(both, "round {round}: a route each way before any anti-entropy round\n--- a\n{}\n--- b\n{}", a.log(), b.log());
+    }
+}

@@ -65,7 +65,7 @@ pub fn dial(id: u64, target: String, addr: SocketAddr, settings: ConnSettings, e
             Ok(Err(e)) => Err(WireError::Io(e)),
             Err(_) => Err(WireError::Timeout("connecting")),
         };
-        let _ = events.send(ConnEvent::Handshaken { id, target: Some(target), addr, result }).await;
+        announce(id, Some(target), addr, result, events).await;
     });
 }
 
@@ -73,8 +73,33 @@ pub fn dial(id: u64, target: String, addr: SocketAddr, settings: ConnSettings, e
 pub fn accept(id: u64, stream: TcpStream, addr: SocketAddr, settings: ConnSettings, events: mpsc::Sender<ConnEvent>) {
     tokio::spawn(async move {
         let result = start(id, stream, false, settings, events.clone()).await;
-        let _ = events.send(ConnEvent::Handshaken { id, target: None, addr, result }).await;
+        announce(id, None, addr, result, events).await;
     });
+}
+
+/// Tells the agent how the handshake went, and only then starts reading frames:
+/// the agent drops frames of connections it does not know yet, and the peer
+/// sends its first ones (topology, channel states) right after its handshake.
+async fn announce(id: u64, target: Option<String>, addr: SocketAddr, result: Result<Started, WireError>, events: mpsc::Sender<ConnEvent>) {
+    match result {
+        Ok(Started { established, reader, timeout }) => {
+            let cancel = established.cancel.clone();
+            let told = events.send(ConnEvent::Handshaken { id, target, addr, result: Ok(established) }).await;
+            if told.is_ok() {
+                tokio::spawn(read_loop(id, reader, timeout, events, cancel));
+            }
+        }
+        Err(e) => {
+            let _ = events.send(ConnEvent::Handshaken { id, target, addr, result: Err(e) }).await;
+        }
+    }
+}
+
+/// A connection past its handshake, not reading yet.
+struct Started {
+    established: Box<Established>,
+    reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    timeout: Duration,
 }
 
 async fn start(
@@ -83,7 +108,7 @@ async fn start(
     outbound: bool,
     settings: ConnSettings,
     events: mpsc::Sender<ConnEvent>,
-) -> Result<Box<Established>, WireError> {
+) -> Result<Started, WireError> {
     let _ = stream.set_nodelay(true);
     let handshake = async {
         let (_version, cipher) = wire::handshake(&mut stream, settings.password.as_deref(), outbound).await?;
@@ -102,9 +127,9 @@ async fn start(
     let (tx, rx) = mpsc::channel(SEND_QUEUE);
     let cancel = CancellationToken::new();
     let (drained_tx, drained) = tokio::sync::oneshot::channel();
-    tokio::spawn(read_loop(id, reader, settings.heartbeat_timeout, events.clone(), cancel.clone()));
     tokio::spawn(write_loop(id, writer, rx, settings.heartbeat, events, cancel.clone(), drained_tx));
-    Ok(Box::new(Established { hello, encrypted, outbound, tx, cancel, drained }))
+    let established = Box::new(Established { hello, encrypted, outbound, tx, cancel, drained });
+    Ok(Started { established, reader, timeout: settings.heartbeat_timeout })
 }
 
 async fn read_loop(
