@@ -188,7 +188,9 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
             return Err(AppError::Usage("--discovery-interval must be at least 0.1 seconds".into()));
         }
         let interval = Duration::from_secs_f64(args.discovery_interval);
-        tokio::spawn(crate::discovery::run(source, mesh.clone(), discovery_tx, interval, shutdown.child_token()));
+        // Peers the user gave (as addresses) stay targets whatever the group says.
+        let given = args.peers.iter().filter_map(|p| p.split(':').next().and_then(|h| h.parse().ok())).collect();
+        tokio::spawn(crate::discovery::run(source, mesh.clone(), given, discovery_tx, interval, shutdown.child_token()));
     }
     let ipam = crate::ipam::spawn(ipam_config, ipam_pending, store.clone(), mesh.clone(), discovery_rx, shutdown.child_token());
     let dns = if args.no_dns {

@@ -235,6 +235,7 @@ fn the_docker_cli_works_through_the_proxy() {
     assert_eq!(String::from_utf8_lossy(&code.stdout).trim(), "0");
     let mut followed = String::new();
     logs.stdout.take().unwrap().read_to_string(&mut followed).unwrap();
+    assert!(logs.wait().unwrap().success(), "logs -f ends when the container does");
     assert_eq!(followed, "got one\ngot two\nbye\n", "logs -f streamed to the end");
     // events: streamed as they happen
     let mut events = a

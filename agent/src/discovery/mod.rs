@@ -68,6 +68,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 pub async fn run(
     source: Box<dyn Source>,
     mesh: MeshHandle,
+    given: BTreeSet<Ipv4Addr>,
     ipam_view: watch::Sender<Option<BTreeSet<Ipv4Addr>>>,
     interval: Duration,
     cancel: CancellationToken,
@@ -83,7 +84,7 @@ pub async fn run(
                 }
                 failures = 0;
                 backoff = Duration::from_secs(1);
-                apply(&found, &mut added, &mesh).await;
+                apply(&found, &given, &mut added, &mesh).await;
                 ipam_view.send_replace(Some(found.members.clone()));
                 interval
             }
@@ -109,8 +110,9 @@ pub async fn run(
 }
 
 /// Connects to new members, forgets the ones this source added that left.
-async fn apply(found: &Found, added: &mut BTreeSet<Ipv4Addr>, mesh: &MeshHandle) {
-    let want: BTreeSet<Ipv4Addr> = found.members.iter().copied().filter(|a| Some(*a) != found.me).collect();
+/// Peers given on the command line (`given`) are the user's: never forgotten.
+async fn apply(found: &Found, given: &BTreeSet<Ipv4Addr>, added: &mut BTreeSet<Ipv4Addr>, mesh: &MeshHandle) {
+    let want = targets(found, given);
     let (join, leave) = diff(added, &want);
     if !join.is_empty() {
         info!(group = %found.group, peers = ?join, "discovery: new peers");
@@ -125,6 +127,12 @@ async fn apply(found: &Found, added: &mut BTreeSet<Ipv4Addr>, mesh: &MeshHandle)
         }
     }
     *added = want;
+}
+
+/// The members this source manages as targets: not this host, not a peer the
+/// user gave.
+fn targets(found: &Found, given: &BTreeSet<Ipv4Addr>) -> BTreeSet<Ipv4Addr> {
+    found.members.iter().copied().filter(|a| Some(*a) != found.me && !given.contains(a)).collect()
 }
 
 /// What to add and what to drop to go from `have` to `want`.
@@ -178,6 +186,16 @@ mod tests {
         let (join, leave) = diff(&set(&[[10, 0, 0, 1], [10, 0, 0, 2]]), &set(&[[10, 0, 0, 2], [10, 0, 0, 3]]));
         assert_eq!(join, vec![Ipv4Addr::new(10, 0, 0, 3)]);
         assert_eq!(leave, vec![Ipv4Addr::new(10, 0, 0, 1)]);
+    }
+
+    #[test]
+    fn neither_this_host_nor_a_given_peer_is_managed() {
+        let found = Found { me: Some([10, 0, 0, 1].into()), members: set(&[[10, 0, 0, 1], [10, 0, 0, 2], [10, 0, 0, 3]]), group: "g".into() };
+        let given = set(&[[10, 0, 0, 3]]);
+        assert_eq!(targets(&found, &given), set(&[[10, 0, 0, 2]]));
+        // A given peer that leaves the group is not in `added`, so never forgotten.
+        let (_, leave) = diff(&targets(&found, &given), &BTreeSet::new());
+        assert_eq!(leave, vec![Ipv4Addr::new(10, 0, 0, 2)]);
     }
 
     #[test]
