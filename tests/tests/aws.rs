@@ -221,6 +221,14 @@ fn aws_ecs_setup_then_cleanup_leaves_nothing_behind() {
     let aws = std::sync::Arc::new(FakeAws::start(&mut lan));
     let dir = std::env::temp_dir().join(weft_tests::unique("ecs"));
     std::fs::create_dir_all(&dir).unwrap();
+    // Removed however the test ends.
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
     // What gets uploaded for the instances to download (moto runs no instance).
     let binary = dir.join("weft");
     std::fs::write(&binary, "#!/bin/sh\necho weft\n").unwrap();
@@ -299,7 +307,6 @@ fn aws_ecs_setup_then_cleanup_leaves_nothing_behind() {
     let clusters = aws.aws(&["ecs", "describe-clusters", "--clusters", "weft-ecs-demo-cluster"])["clusters"].clone();
     assert!(clusters.as_array().into_iter().flatten().all(|c| c["status"] == "INACTIVE"), "clusters left: {clusters}");
     empty(aws.aws(&["ecs", "list-task-definitions", "--status", "ACTIVE"])["taskDefinitionArns"].clone(), "task definitions");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
