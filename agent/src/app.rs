@@ -183,7 +183,7 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
     // Without a discovery source a gone peer is judged by the mesh alone.
     let (discovery_tx, discovery_rx) = tokio::sync::watch::channel(None);
     let settings = crate::discovery::Settings { peer_group_tag: args.aws_peer_group_tag.clone(), ecs_cluster: args.aws_ecs_cluster.clone() };
-    if let Some(source) = crate::discovery::source(args.discovery, &settings).await.map_err(AppError::Usage)? {
+    if let Some(source) = crate::discovery::source(args.discovery, &settings).map_err(AppError::Usage)? {
         if !(args.discovery_interval.is_finite() && args.discovery_interval >= 0.1) {
             return Err(AppError::Usage("--discovery-interval must be at least 0.1 seconds".into()));
         }

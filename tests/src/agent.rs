@@ -270,20 +270,7 @@ pub fn weft_unprivileged(ns: &Netns, args: &[&str]) -> Command {
     cmd
 }
 
-/// One HTTP/1.1 request to 127.0.0.1:6784 inside `ns`.
+/// One HTTP/1.1 request to the agent's API (127.0.0.1:6784) inside `ns`.
 pub fn http_in(ns: &Netns, method: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let (method, path) = (method.to_string(), path.to_string());
-    crate::on_thread_in(ns, move || {
-        let mut s = std::net::TcpStream::connect("127.0.0.1:6784").expect("API");
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: weft\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).expect("response");
-        let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        (code, body)
-    })
-    .join()
-    .expect("http thread")
+    crate::http_request(ns, ([127, 0, 0, 1], 6784).into(), method, path, "").expect("API")
 }

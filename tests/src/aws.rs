@@ -3,13 +3,12 @@
 //! all inside a simulated host of the test's own underlay, so agents reach it
 //! over the underlay and nothing leaves the test's namespaces.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-use crate::{Host, Underlay, on_thread_in};
+use crate::{Host, Underlay};
 
 pub const REGION: &str = "us-east-1";
 const MOTO_PORT: u16 = 5000;
@@ -123,17 +122,7 @@ impl FakeAws {
     }
 
     fn request(&self, port: u16, method: &str, path: &str, body: &str) -> String {
-        let req = format!("{method} {path} HTTP/1.1\r\nHost: fake\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        on_thread_in(&self.host.ns, move || {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("fake_aws control");
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.write_all(req.as_bytes()).unwrap();
-            let mut reply = String::new();
-            let _ = s.read_to_string(&mut reply);
-            reply.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
-        })
-        .join()
-        .expect("control request")
+        crate::http_request(&self.host.ns, ([127, 0, 0, 1], port).into(), method, path, body).expect("fake_aws control").1
     }
 }
 

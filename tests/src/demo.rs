@@ -93,25 +93,13 @@ pub fn load_redis(dockerd: &Dockerd) -> Result<(), String> {
     Ok(())
 }
 
-/// An HTTP/1.0 GET from `ns` (the simulated host's own namespace); the body,
-/// or None.
+/// An HTTP GET of `path` on `addr`:80 from `ns` (the simulated host's own
+/// namespace); the body of a 200, or None.
 pub fn http_get(ns: &crate::Netns, addr: std::net::Ipv4Addr, path: &str) -> Option<String> {
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    crate::on_thread_in(ns, move || {
-        use std::io::{Read, Write};
-        let timeout = std::time::Duration::from_secs(5);
-        let mut s = std::net::TcpStream::connect_timeout(&(addr, 80).into(), timeout).ok()?;
-        s.set_read_timeout(Some(timeout)).ok()?;
-        s.write_all(request.as_bytes()).ok()?;
-        let mut reply = Vec::new();
-        s.read_to_end(&mut reply).ok()?;
-        let reply = String::from_utf8_lossy(&reply).into_owned();
-        let (head, body) = reply.split_once("\r\n\r\n")?;
-        head.split_whitespace().nth(1).is_some_and(|code| code == "200").then(|| body.to_string())
-    })
-    .join()
-    .ok()
-    .flatten()
+    match crate::http_request(ns, (addr, 80).into(), "GET", path, "") {
+        Ok((200, body)) => Some(body),
+        _ => None,
+    }
 }
 
 /// The `<h2>` of the httpserver's page: the data producer's message.

@@ -360,6 +360,25 @@ fn nix_kill_int(pid: u32) -> std::io::Result<()> {
     if status.success() { Ok(()) } else { Err(std::io::Error::other("kill failed")) }
 }
 
+/// One HTTP/1.1 request from inside `ns` to `addr` (connection closed after
+/// it): the status code and the body.
+pub fn http_request(ns: &Netns, addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    on_thread_in(ns, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        s.write_all(req.as_bytes())?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((code, body))
+    })
+    .join()
+    .expect("http thread")
+}
+
 /// Runs `work` on a new std thread inside `ns` (blocking socket code).
 pub fn on_thread_in<T: Send + 'static>(ns: &Netns, work: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
     let netns = weft::datapath::netns::Netns::open(ns.path()).expect("open netns");

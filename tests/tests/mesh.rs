@@ -114,25 +114,37 @@ fn metrics_are_served_in_prometheus_format() {
     let (_u, _hosts, agents, containers) = lan(2, &[]);
     wait_full_mesh(&agents);
     assert!(containers[0].ping_within(overlay_ip(1), Duration::from_secs(5)));
-    let body = http_get_in(&agents[0], "/metrics");
+    let body = agents[0].http("GET", "/metrics").1;
     assert!(body.contains(r#"weft_connections{state="established",type="ebpf",encryption="no"} 1"#), "{body}");
     assert!(body.contains("# TYPE weft_connection_terminations counter"), "{body}");
     assert!(body.contains(r#"weft_datapath_packets_total{path="encap"}"#), "{body}");
     assert!(body.contains("weft_peers 2"), "{body}");
 }
 
-/// A plain HTTP GET to the agent's API, from inside its namespace.
-fn http_get_in(agent: &Agent, path: &str) -> String {
-    let path = path.to_string();
-    on_thread_in(agent.netns(), move || {
-        let mut s = std::net::TcpStream::connect("127.0.0.1:6784").expect("API");
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body
-    })
-    .join()
-    .unwrap()
+/// Three hosts in a line, A–B–C (no A–C link), an agent on each (A and C
+/// given only B), meshed.
+struct Line {
+    _underlay: Underlay,
+    /// A, B, C (their namespaces live as long as this).
+    hosts: [Host; 3],
+    /// B's address on the A–B link.
+    b_for_a: Ipv4Addr,
+    agents: [Agent; 3],
+}
+
+fn line(label: &str) -> Line {
+    let mut underlay = Underlay::new();
+    let mut a = underlay.isolated_host(&format!("{label}a"));
+    let mut b = underlay.isolated_host(&format!("{label}b"));
+    let mut c = underlay.isolated_host(&format!("{label}c"));
+    let (_, b_for_a) = underlay.link(&mut a, &mut b);
+    let (b_for_c, _) = underlay.link(&mut b, &mut c);
+    let three = ["--ipalloc-init", "consensus=3"];
+    let agent_b = Agent::launch(&b, &[], &three);
+    let agent_a = Agent::launch(&a, &[b_for_a], &three);
+    let agent_c = Agent::launch(&c, &[b_for_c], &three);
+    wait_mesh(&[&agent_a, &agent_b, &agent_c]);
+    Line { _underlay: underlay, hosts: [a, b, c], b_for_a, agents: [agent_a, agent_b, agent_c] }
 }
 
 #[test]
@@ -140,24 +152,14 @@ fn a_line_relays_through_the_middle() {
     if !root_or_skip("line") {
         return;
     }
-    let mut underlay = Underlay::new();
-    let mut a = underlay.isolated_host("la");
-    let mut b = underlay.isolated_host("lb");
-    let mut c = underlay.isolated_host("lc");
-    let (_, b_for_a) = underlay.link(&mut a, &mut b);
-    let (b_for_c, _) = underlay.link(&mut b, &mut c);
-    let three = ["--ipalloc-init", "consensus=3"];
-    let agent_b = Agent::launch(&b, &[], &three);
-    let agent_a = Agent::launch(&a, &[b_for_a], &three);
-    let agent_c = Agent::launch(&c, &[b_for_c], &three);
+    let Line { _underlay, hosts, b_for_a, agents: [agent_a, agent_b, agent_c] } = line("l");
     let (ka, kc) = (Netns::new("ka"), Netns::new("kc"));
-    wait_mesh(&[&agent_a, &agent_b, &agent_c]);
     agent_a.attach(&ka, &overlay_addr(0));
     agent_c.attach(&kc, &overlay_addr(2));
     let relayed = wait_until(Duration::from_secs(30), || agent_a.dp_remotes().contains(&overlay_ip(2).to_string()));
     assert!(relayed, "A learns C's endpoint through B:\n{}", agent_a.cli(&["status", "peers"]));
-    let hosts = agent_a.dp_hosts();
-    assert!(hosts.contains(&(c.ip.to_string(), b_for_a.to_string())), "A reaches C through B: {hosts:?}");
+    let dp_hosts = agent_a.dp_hosts();
+    assert!(dp_hosts.contains(&(hosts[2].ip.to_string(), b_for_a.to_string())), "A reaches C through B: {dp_hosts:?}");
     assert!(ka.ping_within(overlay_ip(2), Duration::from_secs(5)), "A -> C through B");
     assert!(kc.ping_within(overlay_ip(0), Duration::from_secs(5)), "C -> A through B");
     assert!(tcp_transfer(&kc, overlay_ip(2), &ka, 6100, 1 << 20));
@@ -490,18 +492,8 @@ fn multicast_follows_the_broadcast_tree_through_a_relay() {
     if !root_or_skip("multicast_line") {
         return;
     }
-    let mut underlay = Underlay::new();
-    let mut a = underlay.isolated_host("ma");
-    let mut b = underlay.isolated_host("mb");
-    let mut c = underlay.isolated_host("mc");
-    let (_, b_for_a) = underlay.link(&mut a, &mut b);
-    let (b_for_c, _) = underlay.link(&mut b, &mut c);
-    let three = ["--ipalloc-init", "consensus=3"];
-    let agent_b = Agent::launch(&b, &[], &three);
-    let agent_a = Agent::launch(&a, &[b_for_a], &three);
-    let agent_c = Agent::launch(&c, &[b_for_c], &three);
+    let Line { _underlay, hosts: _hosts, agents: [agent_a, agent_b, agent_c], .. } = line("m");
     let (ka, kb, kc) = (Netns::new("ka"), Netns::new("kb"), Netns::new("kc"));
-    wait_mesh(&[&agent_a, &agent_b, &agent_c]);
     agent_a.attach(&ka, &overlay_addr(0));
     agent_b.attach(&kb, &overlay_addr(1));
     agent_c.attach(&kc, &overlay_addr(2));

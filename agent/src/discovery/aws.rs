@@ -44,7 +44,7 @@ pub struct AwsSource {
 }
 
 impl AwsSource {
-    pub async fn new(settings: Settings) -> AwsSource {
+    pub fn new(settings: Settings) -> AwsSource {
         AwsSource { settings, ready: Mutex::new(None) }
     }
 

@@ -141,11 +141,11 @@ fn diff(have: &BTreeSet<Ipv4Addr>, want: &BTreeSet<Ipv4Addr>) -> (Vec<Ipv4Addr>,
 }
 
 /// The source `kind` names, from the launch settings; an error says what to do.
-pub async fn source(kind: Kind, settings: &Settings) -> Result<Option<Box<dyn Source>>, String> {
+pub fn source(kind: Kind, settings: &Settings) -> Result<Option<Box<dyn Source>>, String> {
     match kind {
         Kind::None => Ok(None),
         #[cfg(feature = "aws")]
-        Kind::AwsAsg => Ok(Some(Box::new(aws::AwsSource::new(settings.clone()).await))),
+        Kind::AwsAsg => Ok(Some(Box::new(aws::AwsSource::new(settings.clone())))),
         #[cfg(not(feature = "aws"))]
         Kind::AwsAsg => {
             let _ = settings;

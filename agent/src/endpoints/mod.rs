@@ -102,7 +102,7 @@ pub struct Programmer {
     /// Entries the data path learned from traffic, and when this programmer
     /// first saw each: kept for [`LEARNED_GRACE`] so the announcement can catch
     /// up, then dropped unless announced by then.
-    pub learned: std::sync::Mutex<BTreeMap<Ipv4Addr, std::time::Instant>>,
+    pub learned: BTreeMap<Ipv4Addr, std::time::Instant>,
 }
 
 /// How long a learned entry nobody announced stays (a container that lived
@@ -111,7 +111,7 @@ pub const LEARNED_GRACE: std::time::Duration = std::time::Duration::from_secs(20
 
 impl Programmer {
     /// Runs until `cancel`.
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(mut self, cancel: CancellationToken) {
         let mut status = self.mesh.status();
         let mut changes = self.table.subscribe();
         loop {
@@ -131,7 +131,7 @@ impl Programmer {
         }
     }
 
-    async fn apply(&self, status: &MeshStatus) -> Result<(), crate::datapath::DatapathError> {
+    async fn apply(&mut self, status: &MeshStatus) -> Result<(), crate::datapath::DatapathError> {
         let me = self.mesh.name();
         let have_hosts = self.dp.peer_hosts().await?;
         let want = desired(me, status, &self.table.remote_entries(me), &have_hosts);
@@ -166,15 +166,14 @@ impl Programmer {
             }
         }
         let now = std::time::Instant::now();
-        let gone: BTreeSet<&Ipv4Addr> = {
-            let mut learned = self.learned.lock().expect("learned lock");
-            learned.retain(|a, _| have.get(a).is_some_and(|r| r.learned) && !want.remotes.contains_key(a));
-            have.iter()
-                .filter(|(a, _)| !want.remotes.contains_key(*a))
-                .filter(|(a, r)| !r.learned || now.duration_since(*learned.entry(**a).or_insert(now)) >= LEARNED_GRACE)
-                .map(|(a, _)| a)
-                .collect()
-        };
+        let learned = &mut self.learned;
+        learned.retain(|a, _| have.get(a).is_some_and(|r| r.learned) && !want.remotes.contains_key(a));
+        let gone: BTreeSet<&Ipv4Addr> = have
+            .iter()
+            .filter(|(a, _)| !want.remotes.contains_key(*a))
+            .filter(|(a, r)| !r.learned || now.duration_since(*learned.entry(**a).or_insert(now)) >= LEARNED_GRACE)
+            .map(|(a, _)| a)
+            .collect();
         for addr in gone {
             debug!(%addr, "remote endpoint gone");
             self.dp.remove_remote_endpoint(*addr).await?;

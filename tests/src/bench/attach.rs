@@ -27,10 +27,7 @@ pub fn run_bench(runs: u32) {
         b.agent.dns_lookup("server") == server
     });
     assert!(ok, "the name reaches host b");
-    assert!(
-        wait_until(Duration::from_secs(15), || b.agent.dp_remotes().contains(&server[0])),
-        "host b's data path learns the server"
-    );
+
 
     let client = ["run", "--rm", BUSYBOX, "nc", "-w", "5", "server", "4540"];
     let none = ["run", "--rm", "--network", "none", BUSYBOX, "nc", "-w", "5", "server", "4540"];

@@ -111,18 +111,7 @@ fn main() {
     if !everywhere {
         fail("names did not spread");
     }
-    // And every host's kernel knows where every container is.
-    let all: Vec<String> = host_of.keys().cloned().collect();
-    let programmed = wait_until(Duration::from_secs(20), || {
-        hosts.iter().all(|h| {
-            let known = h.agent.dp_remotes();
-            let ps = h.agent.cli(&["ps"]);
-            all.iter().all(|a| known.contains(a) || ps.contains(a.as_str()))
-        })
-    });
-    if !programmed {
-        fail("the data paths did not learn every container");
-    }
+
 
     step("DNS: the guide's `dig +short dataproducer`, from a container, twice (answers shuffled)");
     for _ in 0..2 {
