@@ -694,11 +694,13 @@ impl Actor {
             return;
         }
         self.register(id, est, target, addr);
+        let conn = &self.conns[&id];
+        let (listen, outbound) = (conn.listen, conn.outbound);
+        info!(peer = %hello.name, nickname = %hello.nickname, %addr, encrypted = conn.encrypted, "connection established");
         let mut out = Outbox::default();
-        let listen = self.conns[&id].listen;
-        self.node.connection_up(hello.name, listen, self.conns[&id].outbound, &mut out);
+        self.node.connection_up(hello.name, listen, outbound, &mut out);
+        // May close this very connection (its writer may already be gone).
         self.flush(out);
-        info!(peer = %hello.name, nickname = %hello.nickname, %addr, encrypted = self.conns[&id].encrypted, "connection established");
     }
 
     fn register(&mut self, id: u64, est: Box<Established>, target: Option<String>, addr: SocketAddr) {
@@ -764,10 +766,15 @@ impl Actor {
         for (to, msg) in out.drain() {
             let Some(id) = self.conn_for(to) else { continue };
             let conn = &self.conns[&id];
-            if conn.tx.try_send(Frame::Gossip(msg)).is_err() {
-                let peer = conn.peer;
-                warn!(%peer, "send queue full: the peer is not keeping up");
-                self.close(id, "send queue full");
+            match conn.tx.try_send(Frame::Gossip(msg)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    let peer = conn.peer;
+                    warn!(%peer, "send queue full: the peer is not keeping up");
+                    self.close(id, "send queue full");
+                }
+                // The writer already stopped (the socket failed or the peer hung up).
+                Err(mpsc::error::TrySendError::Closed(_)) => self.close(id, "connection lost while sending"),
             }
         }
     }
