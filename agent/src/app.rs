@@ -139,7 +139,7 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
     opts.encap = args.encap;
     opts.port = args.vxlan_port;
     let ebpf = EbpfDatapath::start(opts).await?;
-    let underlay = format!("{}", ebpf.underlay().name);
+    let underlay = ebpf.underlay().name.to_string();
     let dp: Arc<dyn Datapath> = Arc::new(ebpf);
 
     let version = mesh::now_micros();
@@ -171,12 +171,12 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
     config.heartbeat = config_heartbeat(args.heartbeat);
     config.heartbeat_timeout = config.heartbeat * 5;
     config.data_addr = Some(dp.local_address());
-    let channels: Vec<(String, Arc<dyn mesh::Gossiper>)> = vec![
-        (endpoints::CHANNEL.to_string(), table.clone()),
-        (crate::ipam::CHANNEL.to_string(), ipam_gossiper),
-        (crate::dns::CHANNEL.to_string(), names_gossiper),
-    ];
-    let mesh = mesh::spawn(config, channels).await?;
+    let mut builder = mesh::MeshBuilder::bind(config).await?;
+    builder.add_channel(endpoints::CHANNEL, table.clone());
+    builder.add_channel(crate::ipam::CHANNEL, ipam_gossiper);
+    builder.add_channel(crate::dns::CHANNEL, names_gossiper);
+    let mesh_service = builder.start();
+    let mesh = mesh_service.handle();
 
     endpoints::announce_local(dp.as_ref(), &table, &mesh).await;
     let shutdown = CancellationToken::new();
@@ -276,13 +276,15 @@ pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError>
     shutdown.cancel();
     if *reset_rx.borrow() {
         // Leaving for good: no pause, the peers drop this one.
-        mesh.shutdown();
+        if let Err(e) = mesh_service.leave().await {
+            warn!(error = %e, "the mesh did not stop cleanly");
+        }
         dp.reset().await?;
         std::fs::remove_dir_all(&args.state_dir)
             .map_err(|source| crate::state::StateError::Io { path: args.state_dir.clone(), source })?;
         info!("reset: addresses handed over, data path and state removed");
-    } else {
-        mesh.stop().await;
+    } else if let Err(e) = mesh_service.stop().await {
+        warn!(error = %e, "the mesh did not stop cleanly");
     }
     if tokio::time::timeout(Duration::from_secs(5), prog_task).await.is_err() {
         warn!("the data-path programmer did not stop in time");
@@ -328,12 +330,11 @@ async fn expose(a: Attacher, addr_tx: tokio::sync::watch::Sender<Option<std::net
             }
         },
     };
-    if let (Some(dns), Some(addr)) = (&a.dns, addr) {
-        if let Err(e) = dns.listen(std::net::SocketAddr::from((addr, 53))).await {
+    if let (Some(dns), Some(addr)) = (&a.dns, addr)
+        && let Err(e) = dns.listen(std::net::SocketAddr::from((addr, 53))).await {
             warn!(%addr, error = %e, "cannot serve DNS on the overlay address");
             return;
         }
-    }
     let _ = addr_tx.send(addr);
 }
 

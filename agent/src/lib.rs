@@ -23,3 +23,4 @@ pub mod endpoints;
 pub mod ipam;
 pub mod mesh;
 pub mod state;
+pub mod task;

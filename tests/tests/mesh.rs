@@ -439,11 +439,10 @@ fn multicast_receiver(ns: &Netns, group: Ipv4Addr, local: Ipv4Addr, tag: &'stati
         let (mut n, deadline) = (0, std::time::Instant::now() + Duration::from_secs(4));
         let mut buf = [0u8; 1500];
         while std::time::Instant::now() < deadline {
-            if let Ok(len) = sock.recv(&mut buf) {
-                if &buf[..len] == tag.as_bytes() {
+            if let Ok(len) = sock.recv(&mut buf)
+                && &buf[..len] == tag.as_bytes() {
                     n += 1;
                 }
-            }
         }
         n
     });

@@ -190,11 +190,10 @@ pub fn host_ifname(id: &str) -> String {
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there.
 pub fn ensure_bpffs() -> Result<(), DatapathError> {
     let path = Path::new("/sys/fs/bpf");
-    if let Ok(st) = nix::sys::statfs::statfs(path) {
-        if st.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+    if let Ok(st) = nix::sys::statfs::statfs(path)
+        && st.filesystem_type().0 == BPF_FS_MAGIC {
             return Ok(());
         }
-    }
     nix::mount::mount(Some("bpf"), path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>).map_err(
         |e| match e {
             nix::Error::EPERM | nix::Error::EACCES => {
@@ -435,11 +434,10 @@ impl EbpfDatapath {
             let mut maps = self.maps.lock().expect("maps lock");
             for net in &ep.addrs {
                 let key = Ip4::from(net.addr());
-                if let Ok(existing) = maps.endpoints.get(&key, 0) {
-                    if existing.flags & abi::EP_LOCAL != 0 {
+                if let Ok(existing) = maps.endpoints.get(&key, 0)
+                    && existing.flags & abi::EP_LOCAL != 0 {
                         return Err(DatapathError::AddressInUse { addr: net.addr(), ifindex: existing.ifindex });
                     }
-                }
                 let value = Endpoint { ifindex: link.index, host: Ip4::default(), mac, flags };
                 maps.endpoints.insert(key, value, 0).map_err(|e| aya_err("update ENDPOINTS", e))?;
             }
@@ -597,11 +595,10 @@ impl Datapath for EbpfDatapath {
     async fn set_remote_endpoint(&self, ep: &RemoteEndpoint) -> Result<(), DatapathError> {
         let mut maps = self.maps.lock().expect("maps lock");
         let key = Ip4::from(ep.addr);
-        if let Ok(existing) = maps.endpoints.get(&key, 0) {
-            if existing.flags & abi::EP_LOCAL != 0 {
+        if let Ok(existing) = maps.endpoints.get(&key, 0)
+            && existing.flags & abi::EP_LOCAL != 0 {
                 return Err(DatapathError::AddressInUse { addr: ep.addr, ifindex: existing.ifindex });
             }
-        }
         let value = Endpoint { ifindex: 0, host: ep.host.into(), mac: ep.mac, flags: 0 };
         maps.endpoints.insert(key, value, 0).map_err(|e| aya_err("update ENDPOINTS", e))
     }

@@ -278,11 +278,10 @@ impl Netlink {
                 continue;
             }
             for attr in &msg.attributes {
-                if let AddressAttribute::Address(IpAddr::V4(a)) = attr {
-                    if let Ok(net) = Ipv4Net::new(*a, msg.header.prefix_len) {
+                if let AddressAttribute::Address(IpAddr::V4(a)) = attr
+                    && let Ok(net) = Ipv4Net::new(*a, msg.header.prefix_len) {
                         out.push(net);
                     }
-                }
             }
         }
         out.dedup();

@@ -145,8 +145,8 @@ impl Inner {
         }
         if qtype == RecordType::PTR {
             let full = Name::from(name);
-            if let Some(addr) = reverse_v4(&full) {
-                if let Some(names) = index.by_addr.get(&addr) {
+            if let Some(addr) = reverse_v4(&full)
+                && let Some(names) = index.by_addr.get(&addr) {
                     let records = names
                         .iter()
                         .filter_map(|n| Name::from_str(n).ok())
@@ -154,7 +154,6 @@ impl Inner {
                         .collect();
                     return Answer::Records(ResponseCode::NoError, records);
                 }
-            }
         }
         Answer::Forward
     }
@@ -336,7 +335,7 @@ impl Handler {
         match answer {
             Answer::Ours(refs) => {
                 inner.counters.answered.fetch_add(1, Ordering::Relaxed);
-                encode_udp(builder.build(meta, refs.into_iter(), [].iter(), [].iter(), [].iter())).1
+                encode_udp(builder.build(meta, refs, [].iter(), [].iter(), [].iter())).1
             }
             Answer::Records(code, records) => {
                 match code {

@@ -95,13 +95,11 @@ impl Naming {
             (h, d) => Some(format!("{h}.{}", d.trim_end_matches('.'))),
         };
         let domain = self.domain_bare().to_ascii_lowercase();
-        if let Some(full) = full.map(|f| f.to_ascii_lowercase()) {
-            if let Some(host) = full.strip_suffix(&domain).and_then(|h| h.strip_suffix('.')) {
-                if valid_dns_name(host) && !names.iter().any(|n| n == host) {
+        if let Some(full) = full.map(|f| f.to_ascii_lowercase())
+            && let Some(host) = full.strip_suffix(&domain).and_then(|h| h.strip_suffix('.'))
+                && valid_dns_name(host) && !names.iter().any(|n| n == host) {
                     names.push(host.to_string());
                 }
-            }
-        }
         names
     }
 }

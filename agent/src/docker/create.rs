@@ -156,11 +156,10 @@ pub fn rewrite(body: &mut Value, name: Option<&str>, image: Option<&ImageConfig>
         }
     }
 
-    if let Some(wait) = &opts.wait_binary {
-        if let Some(what) = wrap_entrypoint(obj, &hc_key, image, wait) {
+    if let Some(wait) = &opts.wait_binary
+        && let Some(what) = wrap_entrypoint(obj, &hc_key, image, wait) {
             done.push(what);
         }
-    }
     Outcome::Rewritten(done)
 }
 

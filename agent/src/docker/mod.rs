@@ -321,8 +321,8 @@ impl DockerHandle {
                 spec.wants = wants;
                 spec.dns_names = names;
                 spec.multicast_route = self.0.config.multicast_route;
-                if self.0.config.rewrite_hosts {
-                    if let Some(path) = facts.hosts_path.clone() {
+                if self.0.config.rewrite_hosts
+                    && let Some(path) = facts.hosts_path.clone() {
                         let (host, domain) = (facts.hostname.clone(), facts.domainname.clone());
                         spec.before_link = Some(Arc::new(move |addrs: &[ipnet::Ipv4Net]| {
                             if let Some(a) = addrs.first() {
@@ -330,7 +330,6 @@ impl DockerHandle {
                             }
                         }));
                     }
-                }
                 let ep = self.0.attacher.attach(&spec).await?;
                 info!(container = %short(id), name = %facts.name, addrs = ?ep.addrs, "container attached");
                 Ok(Some(ep))

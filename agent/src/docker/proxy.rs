@@ -170,11 +170,10 @@ where
             _ => break None,
         }
     };
-    if let Some((method, path, false)) = &parsed {
-        if method == "POST" && is_hijack(route(path.split('?').next().unwrap_or(""))) {
+    if let Some((method, path, false)) = &parsed
+        && method == "POST" && is_hijack(route(path.split('?').next().unwrap_or(""))) {
             return splice(&proxy.upstream, client, head.freeze()).await;
         }
-    }
     let io = TokioIo::new(Rewind { prefix: head.freeze(), inner: client });
     let svc = hyper::service::service_fn(move |req| {
         let proxy = proxy.clone();
@@ -192,14 +191,13 @@ where
 
 /// The path without Docker's `/vX.Y` prefix.
 fn route(path: &str) -> &str {
-    if let Some(rest) = path.strip_prefix("/v") {
-        if let Some(i) = rest.find('/') {
+    if let Some(rest) = path.strip_prefix("/v")
+        && let Some(i) = rest.find('/') {
             let version = &rest[..i];
             if !version.is_empty() && version.chars().all(|c| c.is_ascii_digit() || c == '.') {
                 return &rest[i..];
             }
         }
-    }
     path
 }
 
@@ -275,8 +273,8 @@ where
         Ok(r) => r,
         Err(e) => return error_response(StatusCode::BAD_GATEWAY, &e),
     };
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
@@ -290,7 +288,6 @@ where
                 }
             });
         }
-    }
     resp.map(Either::Left)
 }
 
@@ -331,7 +328,7 @@ async fn create(proxy: &Proxy, req: Request<Incoming>) -> Response<ProxyBody> {
         Err(e) => return error_response(StatusCode::BAD_REQUEST, &format!("weft proxy: reading the request: {e}")),
     };
     let name = parts.uri.query().and_then(|q| {
-        q.split('&').find_map(|kv| kv.strip_prefix("name=")).map(|v| percent_decode(v))
+        q.split('&').find_map(|kv| kv.strip_prefix("name=")).map(percent_decode)
     });
     let options = proxy.options.borrow().clone();
     let body = match serde_json::from_slice::<serde_json::Value>(&bytes) {

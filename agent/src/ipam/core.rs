@@ -337,28 +337,26 @@ impl Ipam {
     /// proposers pre-empt each other forever. A stalled election is restarted by
     /// [`Ipam::repropose`] on a timer.
     fn want_ring(&mut self, out: &mut Vec<Effect>) {
-        if let Some(p) = &mut self.paxos {
-            if p.chosen().is_none() && !p.any_proposal() {
+        if let Some(p) = &mut self.paxos
+            && p.chosen().is_none() && !p.any_proposal() {
                 p.propose();
                 p.step();
                 out.push(Effect::Persist);
                 out.push(Effect::Gossip);
             }
-        }
         self.take_chosen(out);
     }
 
     /// Proposes again with a higher round (the shell's timer calls this while the
     /// ring is undecided and allocations wait, e.g. the proposer went away).
     pub fn repropose(&mut self, out: &mut Vec<Effect>) {
-        if let Some(p) = &mut self.paxos {
-            if p.chosen().is_none() {
+        if let Some(p) = &mut self.paxos
+            && p.chosen().is_none() {
                 p.propose();
                 p.step();
                 out.push(Effect::Persist);
                 out.push(Effect::Gossip);
             }
-        }
         self.take_chosen(out);
     }
 
@@ -477,8 +475,8 @@ impl Ipam {
             out.push(Effect::Persist);
             return Ok(Outcome::Done(()));
         }
-        if let Some((who, answer)) = self.claims.get(&a) {
-            if who == id {
+        if let Some((who, answer)) = self.claims.get(&a)
+            && who == id {
                 if let Some(answer) = answer.clone() {
                     self.claims.remove(&a);
                     answer?;
@@ -486,7 +484,6 @@ impl Ipam {
                 }
                 return Ok(Outcome::Wait("the owner's answer"));
             }
-        }
         if !reachable.contains(&owner) {
             return Err(AllocError::OwnerUnreachable { addr, peer: owner });
         }
@@ -502,11 +499,10 @@ impl Ipam {
 
     /// Forgets a space request whose peer never answered (it may be gone).
     pub fn cancel_ask(&mut self, subnet: Ipv4Net) {
-        if let Some(a) = self.asking.get_mut(&subnet.trunc()) {
-            if let Some(p) = a.pending.take() {
+        if let Some(a) = self.asking.get_mut(&subnet.trunc())
+            && let Some(p) = a.pending.take() {
                 a.refused.insert(p);
             }
-        }
     }
 
     /// Releases every address of `id`.
@@ -593,14 +589,13 @@ impl Ipam {
                 out.push(Effect::Unicast(src, Msg::SpaceReply { subnet, granted }));
             }
             Msg::SpaceReply { subnet, granted } => {
-                if let Some(a) = self.asking.get_mut(&subnet.trunc()) {
-                    if a.pending == Some(src) {
+                if let Some(a) = self.asking.get_mut(&subnet.trunc())
+                    && a.pending == Some(src) {
                         a.pending = None;
                         if !granted {
                             a.refused.insert(src);
                         }
                     }
-                }
             }
             Msg::ClaimRequest { addr } => {
                 let a = u32::from(addr);

@@ -234,7 +234,7 @@ mod tests {
     #[test]
     fn an_observer_can_trigger_but_not_vote() {
         // Two voters (N=2, quorum 2) and an observer that proposes.
-        let mut nodes = vec![Paxos::new(name(0), 2, false), Paxos::new(name(1), 2, false), Paxos::new(name(9), 2, true)];
+        let mut nodes = [Paxos::new(name(0), 2, false), Paxos::new(name(1), 2, false), Paxos::new(name(9), 2, true)];
         nodes[2].propose();
         for _ in 0..6 {
             for a in 0..3 {

@@ -32,6 +32,7 @@ pub use peer::PeerName;
 use conn::{ConnEvent, ConnSettings, Established};
 use node::{Node, Outbox};
 use topology::{PeerEntry, Topology};
+use crate::task::{Task, TaskError};
 use wire::{Frame, Hello};
 
 /// Weave's control port.
@@ -209,7 +210,6 @@ enum Command {
 pub struct MeshHandle {
     cmd: mpsc::Sender<Command>,
     status: watch::Receiver<MeshStatus>,
-    cancel: CancellationToken,
     name: PeerName,
     local: SocketAddr,
 }
@@ -272,71 +272,127 @@ impl MeshHandle {
         self.send(Command::Topology(tx)).await?;
         rx.await.map_err(|_| MeshError::Stopped)
     }
+}
 
-    /// Stops the mesh at once: connections close, peers drop this one.
-    pub fn shutdown(&self) {
-        self.cancel.cancel();
+/// A mesh whose listener is bound but whose actor has not started: subsystems
+/// take its [`MeshHandle`] (commands wait in the queue until [`MeshBuilder::start`])
+/// and register their gossip channels, so every channel exists before the first
+/// connection.
+pub struct MeshBuilder {
+    config: MeshConfig,
+    listener: TcpListener,
+    local: SocketAddr,
+    channels: Vec<(String, Arc<dyn Gossiper>)>,
+    cmd_rx: mpsc::Receiver<Command>,
+    status_tx: watch::Sender<MeshStatus>,
+    handle: MeshHandle,
+}
+
+impl MeshBuilder {
+    /// Binds the control port (before anything else is touched, so a port in
+    /// use fails the launch early).
+    pub async fn bind(config: MeshConfig) -> Result<MeshBuilder, MeshError> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| MeshError::Listen { addr: config.listen, source })?;
+        let local = listener.local_addr().map_err(|source| MeshError::Listen { addr: config.listen, source })?;
+        let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+        let (status_tx, status_rx) = watch::channel(MeshStatus::default());
+        let handle = MeshHandle { cmd: cmd_tx, status: status_rx, name: config.name, local };
+        Ok(MeshBuilder { config, listener, local, channels: Vec::new(), cmd_rx, status_tx, handle })
+    }
+
+    /// The address the mesh listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The handle (usable at once; commands run once the mesh starts).
+    pub fn handle(&self) -> MeshHandle {
+        self.handle.clone()
+    }
+
+    /// Registers a gossip channel.
+    pub fn add_channel(&mut self, name: &str, gossiper: Arc<dyn Gossiper>) {
+        self.channels.push((name.to_string(), gossiper));
+    }
+
+    /// The data-plane address this peer announces.
+    pub fn set_data_addr(&mut self, addr: Option<Ipv4Addr>) {
+        self.config.data_addr = addr;
+    }
+
+    /// Starts the actor: listens, dials the targets, gossips.
+    pub fn start(self) -> Mesh {
+        let MeshBuilder { config, listener, local, channels, cmd_rx, status_tx, handle } = self;
+        let mut node = Node::new(config.name, config.nickname.clone(), config.uid, config.version, config.data_addr);
+        for (name, g) in channels {
+            node.add_channel(&name, g);
+        }
+        let (ev_tx, ev_rx) = mpsc::channel(4096);
+        let settings = ConnSettings {
+            password: config.password.clone(),
+            hello: Hello {
+                name: config.name,
+                nickname: config.nickname.clone(),
+                uid: config.uid,
+                listen_port: local.port(),
+                data_addr: config.data_addr,
+            },
+            heartbeat: config.heartbeat,
+            heartbeat_timeout: config.heartbeat_timeout,
+        };
+        let span = tracing::info_span!("mesh", peer = %config.name);
+        let mut actor = Actor {
+            node,
+            config,
+            settings,
+            conns: BTreeMap::new(),
+            targets: BTreeMap::new(),
+            next_id: 1,
+            events: ev_tx,
+            status: status_tx,
+            last_prune: Instant::now(),
+            discovered_at: 0,
+            held_since: BTreeMap::new(),
+            terminations: BTreeMap::new(),
+            generation: 0,
+            rng: rand::SeedableRng::seed_from_u64(rand::random()),
+        };
+        for addr in actor.config.peers.clone() {
+            actor.add_target(addr, TargetSource::Given);
+        }
+        let task = Task::spawn("mesh", span, CancellationToken::new(), move |cancel| actor.run(listener, cmd_rx, ev_rx, cancel));
+        Mesh { handle, task }
+    }
+}
+
+/// The running mesh; its owner stops it.
+pub struct Mesh {
+    handle: MeshHandle,
+    task: Task<MeshError>,
+}
+
+impl Mesh {
+    /// A handle for the other subsystems.
+    pub fn handle(&self) -> MeshHandle {
+        self.handle.clone()
     }
 
     /// Stops on purpose: tells the peers this host's data path keeps forwarding
     /// (they hold its routes and endpoints), lets that reach them, then closes.
-    pub async fn stop(&self) {
+    pub async fn stop(self) -> Result<(), TaskError<MeshError>> {
         let (tx, rx) = oneshot::channel();
-        if self.send(Command::Stop(tx)).await.is_ok() {
+        if self.handle.send(Command::Stop(tx)).await.is_ok() {
             let _ = tokio::time::timeout(STOP_DRAIN * 2, rx).await;
         }
-        self.cancel.cancel();
+        self.task.shutdown_within(STOP_DRAIN).await
     }
-}
 
-/// Starts the mesh with its channels.
-pub async fn spawn(config: MeshConfig, channels: Vec<(String, Arc<dyn Gossiper>)>) -> Result<MeshHandle, MeshError> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| MeshError::Listen { addr: config.listen, source })?;
-    let local = listener.local_addr().map_err(|source| MeshError::Listen { addr: config.listen, source })?;
-    let mut node = Node::new(config.name, config.nickname.clone(), config.uid, config.version, config.data_addr);
-    for (name, g) in channels {
-        node.add_channel(&name, g);
+    /// Leaves at once (`weft reset`): connections close, peers drop this one.
+    pub async fn leave(self) -> Result<(), TaskError<MeshError>> {
+        self.task.shutdown_within(STOP_DRAIN).await
     }
-    let (cmd_tx, cmd_rx) = mpsc::channel(1024);
-    let (status_tx, status_rx) = watch::channel(MeshStatus::default());
-    let (ev_tx, ev_rx) = mpsc::channel(4096);
-    let cancel = CancellationToken::new();
-    let settings = ConnSettings {
-        password: config.password.clone(),
-        hello: Hello {
-            name: config.name,
-            nickname: config.nickname.clone(),
-            uid: config.uid,
-            listen_port: local.port(),
-            data_addr: config.data_addr,
-        },
-        heartbeat: config.heartbeat,
-        heartbeat_timeout: config.heartbeat_timeout,
-    };
-    let mut actor = Actor {
-        node,
-        config,
-        settings,
-        conns: BTreeMap::new(),
-        targets: BTreeMap::new(),
-        next_id: 1,
-        events: ev_tx,
-        status: status_tx,
-        last_prune: Instant::now(),
-        discovered_at: 0,
-        held_since: BTreeMap::new(),
-        terminations: BTreeMap::new(),
-        generation: 0,
-        rng: rand::SeedableRng::seed_from_u64(rand::random()),
-    };
-    for addr in actor.config.peers.clone() {
-        actor.add_target(addr, TargetSource::Given);
-    }
-    let handle = MeshHandle { cmd: cmd_tx, status: status_rx, cancel: cancel.clone(), name: actor.config.name, local };
-    tokio::spawn(actor.run(listener, cmd_rx, ev_rx, cancel));
-    Ok(handle)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -425,7 +481,7 @@ impl Actor {
         mut cmds: mpsc::Receiver<Command>,
         mut events: mpsc::Receiver<ConnEvent>,
         cancel: CancellationToken,
-    ) {
+    ) -> Result<(), MeshError> {
         info!(name = %self.config.name, nickname = %self.config.nickname, listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             encrypted = self.config.password.is_some(), "mesh started");
         let mut dial_tick = tokio::time::interval(Duration::from_millis(200));
@@ -483,6 +539,7 @@ impl Actor {
             c.cancel.cancel();
         }
         info!("mesh stopped");
+        Ok(())
     }
 
     fn next_id(&mut self) -> u64 {
