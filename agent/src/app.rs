@@ -1,32 +1,50 @@
-//! Wiring: validate the launch settings, start the subsystems, serve the API,
-//! wait for a stop, drain. Stopping never tears the data path down: pinned
-//! programs keep forwarding until an agent starts again and adopts them.
+//! Wiring: one agent per host, every socket bound and every saved state read
+//! before the kernel is touched, the subsystems started, the API served; then
+//! wait for a stop and drain everything under one deadline. Stopping never
+//! tears the data path down: pinned programs keep forwarding until an agent
+//! starts again and adopts them.
+//!
+//! Launch is all or nothing: what can fail (the lock, a port in use, a state
+//! file that does not fit the flags, the range overlapping a route) fails before
+//! the data path is started, and nothing after it can fail — so a failed launch
+//! leaves the kernel as it found it (and the data path itself undoes a start
+//! that fails half-way on a fresh host).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::{self, AgentInfo, Ctx};
-use crate::attach::{AttachError, Attacher, Spec};
-use crate::cli::LaunchArgs;
-use crate::datapath::ebpf::{EbpfDatapath, EbpfOptions};
+use crate::attach::{Attacher, ContainerRuntime, Spec};
+use crate::config::LaunchConfig;
+use crate::datapath::ebpf::EbpfDatapath;
 use crate::datapath::netlink::Netlink;
 use crate::datapath::{Datapath, DatapathError};
-use crate::endpoints::{self, EndpointTable, Programmer};
-use crate::mesh::{self, MeshConfig, PeerName};
+use crate::dns::DnsError;
+use crate::lock::{HostLock, LockError};
+use crate::mesh::{self, MeshBuilder, PeerName};
 use crate::state::{StateError, StateStore};
+use crate::task::{Task, TaskError};
 
-/// Why the agent could not run. Each says what to do.
+/// How long stopping may take in all: each subsystem gets what is left.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many heartbeats the mesh gets to re-form after a start before the
+/// programmer may remove what a previous run left programmed.
+const PROGRAMMER_GRACE_HEARTBEATS: u32 = 15;
+
+/// Why the agent could not run. Each says what to do; [`AppError::exit_code`]
+/// gives the sysexits code.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("weft launch needs root (network namespaces, eBPF, netlink): run it as root")]
     NotRoot,
-    #[error("{0}")]
-    Usage(String),
+    #[error(transparent)]
+    Lock(#[from] LockError),
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
@@ -35,36 +53,66 @@ pub enum AppError {
     Mesh(#[from] mesh::MeshError),
     #[error(transparent)]
     Ipam(#[from] crate::ipam::IpamError),
-    #[error("cannot serve the API on {addr}: {source} (is another weft running? pass --api)")]
-    Api {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Dns(#[from] DnsError),
+    #[error(transparent)]
+    Proxy(#[from] crate::docker::proxy::BindError),
+    #[error(transparent)]
+    Api(#[from] api::BindError),
     #[error("address range {range} overlaps the route to {route} on {iface}; pass --ipalloc-range with a range no host route uses")]
     RangeOverlap { range: Ipv4Net, route: Ipv4Net, iface: String },
 }
 
+/// Exit codes of `weft launch` (sysexits.h), documented in `weft launch --help`.
+pub mod exit {
+    /// A flag or argument is wrong (EX_USAGE).
+    pub const USAGE: u8 = 64;
+    /// A state file cannot be read (EX_DATAERR).
+    pub const DATA: u8 = 65;
+    /// Something weft needs is taken or missing: another agent runs, a port is in
+    /// use (EX_UNAVAILABLE).
+    pub const UNAVAILABLE: u8 = 69;
+    /// A bug (EX_SOFTWARE).
+    pub const SOFTWARE: u8 = 70;
+    /// The kernel refused (netlink, eBPF) (EX_OSERR).
+    pub const OS: u8 = 71;
+    /// Reading or writing a file failed (EX_IOERR).
+    pub const IO: u8 = 74;
+    /// Not root, or not allowed (EX_NOPERM).
+    pub const NO_PERMISSION: u8 = 77;
+}
+
 impl AppError {
-    /// Exit code: 64 for bad usage (sysexits EX_USAGE), 1 otherwise.
+    /// The exit code (see [`exit`]).
     pub fn exit_code(&self) -> u8 {
+        use crate::ipam::IpamError;
         match self {
-            AppError::Usage(_)
-            | AppError::RangeOverlap { .. }
-            | AppError::Ipam(crate::ipam::IpamError::SubnetOutside { .. } | crate::ipam::IpamError::RangeChanged { .. }) => 64,
-            _ => 1,
+            AppError::NotRoot | AppError::Datapath(DatapathError::NotPermitted { .. }) => exit::NO_PERMISSION,
+            AppError::Lock(LockError::Held { .. })
+            | AppError::Mesh(_)
+            | AppError::Dns(DnsError::Listen { .. })
+            | AppError::Proxy(_)
+            | AppError::Api(_) => exit::UNAVAILABLE,
+            AppError::Lock(LockError::Io { .. }) | AppError::State(StateError::Io { .. }) => exit::IO,
+            AppError::State(StateError::Corrupt { .. }) => exit::DATA,
+            AppError::RangeOverlap { .. }
+            | AppError::Ipam(IpamError::RangeChanged { .. } | IpamError::SubnetOutside { .. })
+            | AppError::Dns(DnsError::Domain { .. }) => exit::USAGE,
+            AppError::Datapath(
+                DatapathError::UnknownUnderlay { .. }
+                | DatapathError::NoUnderlayAddress { .. }
+                | DatapathError::NoUnderlay
+                | DatapathError::MtuTooSmall { .. },
+            ) => exit::USAGE,
+            AppError::Datapath(_) => exit::OS,
+            AppError::Ipam(_) | AppError::Dns(_) => exit::SOFTWARE,
         }
     }
 }
 
-fn hostname() -> String {
-    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "weft".into())
-}
-
 /// The peer name: `--name`, else the one persisted, else from /etc/machine-id.
-fn peer_name(args: &LaunchArgs, store: &StateStore) -> Result<PeerName, AppError> {
-    if let Some(name) = &args.name {
-        let name: PeerName = name.parse().map_err(|e: mesh::peer::BadPeerName| AppError::Usage(e.to_string()))?;
+fn peer_name(config: &LaunchConfig, store: &StateStore) -> Result<PeerName, AppError> {
+    if let Some(name) = config.name {
         store.update(|s| s.peer_name = Some(name))?;
         return Ok(name);
     }
@@ -107,189 +155,235 @@ pub async fn check_range(nl: &Netlink, range: Ipv4Net) -> Result<(), AppError> {
 }
 
 /// Runs the agent until SIGINT, SIGTERM or `weft stop`.
-pub async fn run(args: LaunchArgs, api_addr: SocketAddr) -> Result<(), AppError> {
+pub async fn run(config: LaunchConfig) -> Result<(), AppError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(AppError::NotRoot);
     }
-    if !(0.05..=60.0).contains(&args.heartbeat) {
-        return Err(AppError::Usage(format!("--heartbeat {} must be between 0.05 and 60 seconds", args.heartbeat)));
-    }
     let started = Instant::now();
-    let store = Arc::new(StateStore::open(&args.state_dir)?);
-    let name = peer_name(&args, &store)?;
-    let nickname = args.nickname.clone().unwrap_or_else(hostname);
+    let (lock, store, name) = claim_host(&config)?;
+    let bound = bind_all(&config, name, &store).await?;
+    check_range(&Netlink::connect().map_err(DatapathError::from)?, config.ipam.range).await?;
+    let agent = start(&config, name, store, bound, started).await?;
+    info!(peer = %name, nickname = %config.nickname, api = %agent.api_addr, mesh = %agent.mesh_addr, "weft is running");
 
-    let nl = Netlink::connect().map_err(DatapathError::from)?;
-    check_range(&nl, args.ipalloc_range).await?;
+    wait_for_stop(&agent.shutdown).await;
+    info!("stopping: the data path keeps forwarding until the next start");
+    let leaving = *agent.reset.borrow();
+    let dp = agent.stop(leaving).await;
+    if leaving {
+        // Leaving for good: the data path and the state go too.
+        dp.reset().await?;
+        std::fs::remove_dir_all(&config.state_dir)
+            .map_err(|source| StateError::Io { path: config.state_dir.clone(), source })?;
+        info!("reset: addresses handed over, data path and state removed");
+    }
+    drop(lock);
+    Ok(())
+}
 
-    let ipam_config = crate::ipam::IpamConfig {
-        me: name,
-        range: args.ipalloc_range,
-        default_subnet: args.ipalloc_default_subnet.unwrap_or(args.ipalloc_range),
-        init: args.ipalloc_init.clone().unwrap_or(crate::ipam::core::Init::Consensus(distinct_peers(&args.peers) + 1)),
-        reclaim_after: args.ipalloc_reclaim_after.0,
-    };
-    let (ipam_gossiper, ipam_pending) = crate::ipam::open(&ipam_config, &store)?;
+/// This host is ours (the locks), and who we are (the state file).
+fn claim_host(config: &LaunchConfig) -> Result<(HostLock, Arc<StateStore>, PeerName), AppError> {
+    let lock = HostLock::state_dir(&config.state_dir, Some(config.api))?;
+    let store = Arc::new(StateStore::open(&config.state_dir)?);
+    let name = peer_name(config, &store)?;
+    let opts = config.datapath_options(name);
+    let lock = lock.and_pins(&opts.pin_root.join(&opts.host), Some(config.api))?;
+    Ok((lock, store, name))
+}
 
-    let mut opts = EbpfOptions::new(args.pin_name.clone().unwrap_or_else(|| name.to_string().replace(':', "")));
-    opts.pin_root = args.pin_root.clone();
-    opts.underlay = args.iface.clone();
-    opts.local_ip = args.advertise_address;
-    opts.mtu = args.mtu;
-    opts.encap = args.encap;
-    opts.port = args.vxlan_port;
-    let ebpf = EbpfDatapath::start(opts).await?;
-    let underlay = ebpf.underlay().name.to_string();
-    let dp: Arc<dyn Datapath> = Arc::new(ebpf);
+/// Every listening socket, bound before anything else: a port in use fails the
+/// launch before the kernel is touched.
+struct Bound {
+    api: tokio::net::TcpListener,
+    mesh: MeshBuilder,
+    dns: Vec<crate::dns::server::Bound>,
+    proxy: Vec<crate::docker::proxy::Bound>,
+}
 
-    let version = mesh::now_micros();
-    let table = Arc::new(EndpointTable::new(name, version));
-    let names = crate::dns::open_table(name, &store)?;
-    let (assert_tx, assert_rx) = tokio::sync::mpsc::unbounded_channel();
-    let names_gossiper = Arc::new(crate::dns::table::TableGossiper { table: names.clone(), assert_tx });
-    let mut peers = args.peers.clone();
+async fn bind_all(config: &LaunchConfig, name: PeerName, store: &StateStore) -> Result<Bound, AppError> {
+    let api = api::bind(config.api).await?;
     let saved = store.update(|s| {
-        for p in &args.peers {
+        for p in &config.mesh.peers {
             if !s.peers.contains(p) {
                 s.peers.push(p.clone());
             }
         }
         s.peers.clone()
     })?;
-    for p in saved {
-        if !peers.contains(&p) {
-            peers.push(p);
+    let mesh = MeshBuilder::bind(config.mesh_config(name, mesh::now_micros(), &saved)).await?;
+    let mut dns = Vec::new();
+    if config.dns.serve {
+        for addr in &config.dns.listen {
+            dns.push(crate::dns::server::bind(*addr).map_err(|source| DnsError::Listen { addr: *addr, source })?);
         }
     }
-    let mut config = MeshConfig::new(name, nickname.clone());
-    config.version = version;
-    config.listen = SocketAddr::from((args.host, args.port));
-    config.password = args.password.clone().filter(|p| !p.is_empty());
-    config.peers = peers;
-    config.conn_limit = args.conn_limit;
-    config.discovery = !args.no_discovery;
-    config.heartbeat = config_heartbeat(args.heartbeat);
-    config.heartbeat_timeout = config.heartbeat * 5;
-    config.data_addr = Some(dp.local_address());
-    let mut builder = mesh::MeshBuilder::bind(config).await?;
-    builder.add_channel(endpoints::CHANNEL, table.clone());
-    builder.add_channel(crate::ipam::CHANNEL, ipam_gossiper);
-    builder.add_channel(crate::dns::CHANNEL, names_gossiper);
-    let mesh_service = builder.start();
-    let mesh = mesh_service.handle();
+    let proxy = match &config.docker {
+        Some(d) => crate::docker::proxy::bind(&d.proxy).await?,
+        None => Vec::new(),
+    };
+    Ok(Bound { api, mesh, dns, proxy })
+}
 
-    endpoints::announce_local(dp.as_ref(), &table, &mesh).await;
-    let shutdown = CancellationToken::new();
-    // Without a discovery source a gone peer is judged by the mesh alone.
-    let (discovery_tx, discovery_rx) = tokio::sync::watch::channel(None);
-    let settings = crate::discovery::Settings { peer_group_tag: args.aws_peer_group_tag.clone(), ecs_cluster: args.aws_ecs_cluster.clone() };
-    if let Some(source) = crate::discovery::source(args.discovery, &settings).map_err(AppError::Usage)? {
-        if !(args.discovery_interval.is_finite() && args.discovery_interval >= 0.1) {
-            return Err(AppError::Usage("--discovery-interval must be at least 0.1 seconds".into()));
-        }
-        let interval = Duration::from_secs_f64(args.discovery_interval);
-        // Peers the user gave (as addresses) stay targets whatever the group says.
-        let given = args.peers.iter().filter_map(|p| p.split(':').next().and_then(|h| h.parse().ok())).collect();
-        tokio::spawn(crate::discovery::run(source, mesh.clone(), given, discovery_tx, interval, shutdown.child_token()));
+/// Everything that runs, in the order it stops.
+struct Running {
+    shutdown: CancellationToken,
+    reset: watch::Receiver<bool>,
+    api_addr: SocketAddr,
+    mesh_addr: SocketAddr,
+    dp: Arc<dyn Datapath>,
+    api: Task<std::io::Error>,
+    docker: Option<crate::docker::DockerService>,
+    expose: Option<Task<std::convert::Infallible>>,
+    discovery: Option<Task<crate::discovery::SourceError>>,
+    programmer: Task<DatapathError>,
+    dns: crate::dns::DnsService,
+    ipam: ipam_shim::IpamService,
+    mesh: mesh::Mesh,
+}
+
+async fn start(
+    config: &LaunchConfig,
+    name: PeerName,
+    store: Arc<StateStore>,
+    bound: Bound,
+    started: Instant,
+) -> Result<Running, AppError> {
+    let Bound { api: api_listener, mesh: mut builder, dns: dns_bound, proxy: proxy_bound } = bound;
+    // The subsystems that read saved state come first: a state that does not fit
+    // the flags fails here, before the data path exists.
+    let table = crate::endpoints::register(&mut builder, mesh::now_micros());
+    let (discovery_tx, discovery_rx) = watch::channel(None);
+    let ipam = ipam_shim::spawn(config.ipam_config(name), store.clone(), &mut builder, discovery_rx)?;
+    let dns = crate::dns::spawn(config.dns.clone(), store.clone(), &mut builder)?;
+
+    // The data path: from here on nothing fails.
+    let ebpf = EbpfDatapath::start(config.datapath_options(name)).await?;
+    let underlay = ebpf.underlay().name.clone();
+    let dp: Arc<dyn Datapath> = Arc::new(ebpf);
+    builder.set_data_addr(Some(dp.local_address()));
+    let mesh_addr = builder.local_addr();
+    let mesh = builder.start();
+    let mesh_handle = mesh.handle();
+    crate::endpoints::announce_local(dp.as_ref(), &table, &mesh_handle).await;
+
+    let discovery = config.discovery.as_ref().and_then(|d| {
+        // `config` checked that this build has the source.
+        let source = crate::discovery::source(d.kind, &d.settings).ok().flatten()?;
+        Some(crate::discovery::spawn(source, mesh_handle.clone(), d.given.clone(), discovery_tx, d.interval))
+    });
+    let dns_handle = dns.handle();
+    for b in dns_bound {
+        dns_handle.serve(b)?;
     }
-    let ipam = crate::ipam::spawn(ipam_config, ipam_pending, store.clone(), mesh.clone(), discovery_rx, shutdown.child_token());
-    let dns = if args.no_dns {
-        None
-    } else {
-        let dns = crate::dns::DnsHandle::start(
-            names.clone(),
-            assert_rx,
-            &args.dns_domain,
-            args.dns_ttl,
-            &args.resolv_conf,
-            &args.dns_listen_address,
-            mesh.clone(),
-            store.clone(),
-            shutdown.child_token(),
-        )
-        .await
-        .map_err(AppError::Usage)?;
-        Some(dns)
-    };
-    let attacher = Attacher {
-        dp: dp.clone(),
-        ipam: ipam.clone(),
-        table: table.clone(),
-        mesh: mesh.clone(),
-        dns: dns.clone(),
-        range: args.ipalloc_range,
-    };
+    let dns_for_attach = dns_handle.serving().then(|| dns_handle.clone());
+    let attacher = Attacher::new(dp.clone(), ipam.handle(), table.clone(), mesh_handle.clone(), dns_for_attach.clone(), config.ipam.range);
     // This host's overlay address: where containers find weft's DNS.
-    let (host_addr_tx, host_addr_rx) = tokio::sync::watch::channel(None);
-    if !args.no_expose {
-        tokio::spawn(expose(attacher.clone(), host_addr_tx, shutdown.child_token()));
-    }
-    let docker = if args.no_docker {
-        None
-    } else {
-        let dns_server = if dns.is_some() { host_addr_rx } else { tokio::sync::watch::channel(None).1 };
-        Some(start_docker(&args, attacher.clone(), dns_server, shutdown.child_token()).await?)
-    };
-    // Three heartbeat timeouts for the mesh to re-form before the programmer may
-    // remove what a previous run left programmed.
-    let grace = config_heartbeat(args.heartbeat) * 15;
-    let programmer = Programmer {
-        dp: dp.clone(),
-        mesh: mesh.clone(),
-        table: table.clone(),
-        removals_after: Instant::now() + grace,
-        learned: Default::default(),
-    };
-    let prog_task = tokio::spawn(programmer.run(shutdown.child_token()));
+    let (host_addr_tx, host_addr_rx) = watch::channel(None);
+    let expose = config.expose.then(|| spawn_expose(attacher.clone(), dns_for_attach.clone(), host_addr_tx));
+    let docker = config.docker.as_ref().map(|d| {
+        let wait_binary = match crate::docker::install_wait_binary(&config.state_dir) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warn!(error = %e, dir = %config.state_dir.display(), "cannot install weft-wait: containers created through the proxy will not wait for ethwe");
+                None
+            }
+        };
+        let docker_config = crate::docker::DockerConfig {
+            socket: d.socket.clone(),
+            naming: d.naming.clone(),
+            multicast_route: d.multicast_route,
+            rewrite_hosts: d.rewrite_hosts,
+            wait_binary,
+        };
+        let dns_server = if dns_for_attach.is_some() { host_addr_rx } else { watch::channel(None).1 };
+        crate::docker::spawn(docker_config, attacher.clone(), dns_server, proxy_bound)
+    });
+    let removals_after = Instant::now() + config.mesh.heartbeat * PROGRAMMER_GRACE_HEARTBEATS;
+    let programmer = crate::endpoints::spawn(dp.clone(), mesh_handle.clone(), table.clone(), removals_after);
 
     let info = Arc::new(AgentInfo {
         version: env!("CARGO_PKG_VERSION"),
-        discovery: !args.no_discovery,
-        trusted_subnets: args.trusted_subnets.clone(),
-        conn_limit: args.conn_limit,
-        encap: format!("{:?}", args.encap).to_lowercase(),
+        discovery: config.mesh.discovery,
+        trusted_subnets: config.trusted_subnets.clone(),
+        conn_limit: config.mesh.conn_limit,
+        encap: format!("{:?}", config.datapath.encap).to_lowercase(),
         underlay,
-        ipalloc_range: args.ipalloc_range,
+        ipalloc_range: config.ipam.range,
     });
-    let (reset_tx, reset_rx) = tokio::sync::watch::channel(false);
+    let shutdown = CancellationToken::new();
+    let (reset_tx, reset_rx) = watch::channel(false);
+    let api_addr = api_listener.local_addr().unwrap_or(config.api);
     let ctx = Ctx {
-        mesh: mesh.clone(),
+        mesh: mesh_handle,
         dp: dp.clone(),
-        table: table.clone(),
-        store: store.clone(),
-        ipam: ipam.clone(),
-        dns: dns.clone(),
+        table,
+        store,
+        ipam: ipam.handle(),
+        dns: dns_for_attach,
         attacher,
-        docker,
+        docker: docker.as_ref().map(|d| Arc::new(d.handle()) as Arc<dyn ContainerRuntime>),
         shutdown: shutdown.clone(),
         reset: Arc::new(reset_tx),
         started,
         info,
     };
-    let local = api::serve(api_addr, ctx, shutdown.child_token())
-        .await
-        .map_err(|source| AppError::Api { addr: api_addr, source })?;
-    info!(peer = %name, %nickname, api = %local, mesh = %mesh.local_addr(), "weft is running");
+    let api = api::spawn(api_listener, ctx);
+    Ok(Running {
+        shutdown,
+        reset: reset_rx,
+        api_addr,
+        mesh_addr,
+        dp,
+        api,
+        docker,
+        expose,
+        discovery,
+        programmer,
+        dns,
+        ipam,
+        mesh,
+    })
+}
 
-    wait_for_stop(&shutdown).await;
-    info!("stopping: the data path keeps forwarding until the next start");
-    shutdown.cancel();
-    if *reset_rx.borrow() {
-        // Leaving for good: no pause, the peers drop this one.
-        if let Err(e) = mesh_service.leave().await {
-            warn!(error = %e, "the mesh did not stop cleanly");
+impl Running {
+    /// Stops everything, the API first and the mesh last, within
+    /// [`DRAIN_TIMEOUT`]; logs what did not stop cleanly. `leaving` (`weft
+    /// reset`): the peers drop this one at once; else they are told that its
+    /// data path keeps forwarding. Returns the data path, which stays.
+    async fn stop(self, leaving: bool) -> Arc<dyn Datapath> {
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        report("api", self.api.shutdown_within(left()).await);
+        if let Some(d) = self.docker {
+            report("docker", bounded(left(), d.shutdown()).await);
         }
-        dp.reset().await?;
-        std::fs::remove_dir_all(&args.state_dir)
-            .map_err(|source| crate::state::StateError::Io { path: args.state_dir.clone(), source })?;
-        info!("reset: addresses handed over, data path and state removed");
-    } else if let Err(e) = mesh_service.stop().await {
-        warn!(error = %e, "the mesh did not stop cleanly");
+        if let Some(t) = self.expose {
+            report("expose", t.shutdown_within(left()).await);
+        }
+        if let Some(t) = self.discovery {
+            report("discovery", t.shutdown_within(left()).await);
+        }
+        report("programmer", self.programmer.shutdown_within(left()).await);
+        report("dns", bounded(left(), self.dns.shutdown()).await);
+        report("ipam", bounded(left(), self.ipam.shutdown()).await);
+        let mesh = if leaving { self.mesh.leave().await } else { self.mesh.stop().await };
+        report("mesh", mesh);
+        self.dp
     }
-    if tokio::time::timeout(Duration::from_secs(5), prog_task).await.is_err() {
-        warn!("the data-path programmer did not stop in time");
+}
+
+/// A shutdown future under the time that is left.
+async fn bounded<E: std::error::Error + 'static>(
+    left: Duration,
+    f: impl std::future::Future<Output = Result<(), TaskError<E>>>,
+) -> Result<(), TaskError<E>> {
+    tokio::time::timeout(left, f).await.unwrap_or(Err(TaskError::Timeout { name: "shutdown", after: left }))
+}
+
+fn report<E: std::error::Error + 'static>(what: &str, result: Result<(), TaskError<E>>) {
+    if let Err(e) = result {
+        warn!(task = what, error = %e, "did not stop cleanly");
     }
-    Ok(())
 }
 
 /// The endpoint id of the host's own overlay interface.
@@ -300,10 +394,25 @@ pub const HOST_IFNAME: &str = "weft";
 /// Gives this host an address on the overlay (Weave's `expose`): an endpoint
 /// whose other end is in the host's own namespace, so containers can reach the
 /// host and its DNS server. Waits for IPAM (which may wait for agreement).
-async fn expose(a: Attacher, addr_tx: tokio::sync::watch::Sender<Option<std::net::Ipv4Addr>>, cancel: CancellationToken) {
-    let existing = a.dp.local_endpoints().await.ok().and_then(|eps| eps.into_iter().find(|e| e.id == HOST_ENDPOINT));
+fn spawn_expose(
+    a: Attacher,
+    dns: Option<crate::dns::DnsHandle>,
+    addr_tx: watch::Sender<Option<Ipv4Addr>>,
+) -> Task<std::convert::Infallible> {
+    Task::spawn("expose", tracing::info_span!("expose"), CancellationToken::new(), move |cancel| async move {
+        expose(a, dns, addr_tx, cancel).await;
+        Ok(())
+    })
+}
+
+async fn expose(
+    a: Attacher,
+    dns: Option<crate::dns::DnsHandle>,
+    addr_tx: watch::Sender<Option<Ipv4Addr>>,
+    cancel: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
-    let addr = match existing {
+    let addr = match a.endpoint(HOST_ENDPOINT).await {
         Some(ep) => ep.addrs.first().copied(),
         None => loop {
             backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -319,74 +428,89 @@ async fn expose(a: Attacher, addr_tx: tokio::sync::watch::Sender<Option<std::net
                     info!(addresses = ?ep.addrs, "this host is on the overlay as {HOST_IFNAME}");
                     break ep.addrs.first().copied();
                 }
-                Err(AttachError::Unavailable(e)) => {
+                Err(e) if e.is_retryable() => {
                     warn!(error = %e, "no overlay address for this host yet; retrying in {backoff:?}");
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
                 }
-                Err(AttachError::Invalid(e)) => {
+                Err(e) => {
                     warn!(error = %e, "cannot put this host on the overlay");
                     return;
                 }
             }
         },
     };
-    if let (Some(dns), Some(addr)) = (&a.dns, addr)
-        && let Err(e) = dns.listen(std::net::SocketAddr::from((addr, 53))).await {
-            warn!(%addr, error = %e, "cannot serve DNS on the overlay address");
-            return;
-        }
+    if let (Some(dns), Some(addr)) = (&dns, addr)
+        && let Err(e) = dns.listen(SocketAddr::from((addr, 53)))
+    {
+        warn!(%addr, error = %e, "cannot serve DNS on the overlay address");
+        return;
+    }
     let _ = addr_tx.send(addr);
-}
-
-/// The Docker watcher and proxy, with weft-wait installed in the state directory.
-async fn start_docker(
-    args: &LaunchArgs,
-    attacher: Attacher,
-    dns_server: tokio::sync::watch::Receiver<Option<std::net::Ipv4Addr>>,
-    cancel: CancellationToken,
-) -> Result<crate::docker::DockerHandle, AppError> {
-    let socket = args.docker_host.strip_prefix("unix://").ok_or_else(|| {
-        AppError::Usage(format!("--docker-host {}: only unix:///PATH sockets are supported", args.docker_host))
-    })?;
-    let wait_binary = match crate::docker::install_wait_binary(&args.state_dir) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            warn!(error = %e, dir = %args.state_dir.display(), "cannot install weft-wait: containers created through the proxy will not wait for ethwe");
-            None
-        }
-    };
-    let config = crate::docker::DockerConfig {
-        socket: socket.into(),
-        proxy: if args.no_proxy { Vec::new() } else { args.proxy_listen.clone() },
-        naming: crate::docker::container::Naming {
-            domain: args.dns_domain.clone(),
-            hostname_from_label: args.hostname_from_label.clone(),
-        },
-        multicast_route: !args.no_multicast_route,
-        rewrite_hosts: !args.no_rewrite_hosts,
-        wait_binary,
-    };
-    crate::docker::start(config, attacher, dns_server, cancel).await.map_err(AppError::Usage)
-}
-
-/// How many different peers were given (`host` and `host:6783` are one).
-fn distinct_peers(peers: &[String]) -> usize {
-    let normal: std::collections::BTreeSet<String> =
-        peers.iter().map(|p| p.strip_suffix(":6783").unwrap_or(p).to_string()).collect();
-    normal.len()
-}
-
-fn config_heartbeat(seconds: f64) -> Duration {
-    Duration::from_secs_f64(seconds)
 }
 
 async fn wait_for_stop(shutdown: &CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let (term, int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            // Without signal handlers the agent still stops through the API.
+            warn!(error = %e, "cannot handle SIGTERM/SIGINT; stop the agent with `weft stop`");
+            shutdown.cancelled().await;
+            return;
+        }
+    };
+    let (mut term, mut int) = (term, int);
     tokio::select! {
         _ = shutdown.cancelled() => {}
         _ = term.recv() => info!("SIGTERM"),
         _ = int.recv() => info!("SIGINT"),
+    }
+}
+
+/// TEMPORARY until the IPAM refactor lands: the single-phase spawn over the old
+/// two-phase API.
+mod ipam_shim {
+    use std::collections::BTreeSet;
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+
+    use tokio::sync::watch;
+    use tokio_util::sync::CancellationToken;
+
+    use crate::ipam::{IpamConfig, IpamError, IpamHandle};
+    use crate::mesh::MeshBuilder;
+    use crate::state::StateStore;
+    use crate::task::TaskError;
+
+    pub struct IpamService {
+        handle: IpamHandle,
+        cancel: CancellationToken,
+    }
+
+    impl IpamService {
+        pub fn handle(&self) -> IpamHandle {
+            self.handle.clone()
+        }
+
+        pub async fn shutdown(self) -> Result<(), TaskError<IpamError>> {
+            self.cancel.cancel();
+            Ok(())
+        }
+    }
+
+    pub fn spawn(
+        config: IpamConfig,
+        store: Arc<StateStore>,
+        mesh: &mut MeshBuilder,
+        discovery: watch::Receiver<Option<BTreeSet<Ipv4Addr>>>,
+    ) -> Result<IpamService, IpamError> {
+        let (gossiper, pending) = crate::ipam::open(&config, &store)?;
+        mesh.add_channel(crate::ipam::CHANNEL, gossiper);
+        let cancel = CancellationToken::new();
+        let handle = crate::ipam::spawn(config, pending, store, mesh.handle(), discovery, cancel.clone());
+        Ok(IpamService { handle, cancel })
     }
 }

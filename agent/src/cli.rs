@@ -20,9 +20,21 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `weft launch --help`: what its exit codes mean (sysexits.h).
+const LAUNCH_EXIT_CODES: &str = "Exit codes:
+  0   stopped (weft stop, SIGTERM, SIGINT)
+  64  a flag is wrong (or contradicts the saved state): the message says which
+  65  the state file cannot be read
+  69  something weft needs is taken: another agent runs on this host, a port is in use
+  70  a bug: please report it with the log
+  71  the kernel refused (netlink, eBPF)
+  74  reading or writing the state directory failed
+  77  not root, or not permitted";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent on this host (foreground), connecting to PEERs.
+    #[command(after_help = LAUNCH_EXIT_CODES)]
     Launch(Box<LaunchArgs>),
     /// Stop the local agent. The data path keeps forwarding.
     Stop,

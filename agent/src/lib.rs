@@ -9,18 +9,22 @@
 //!   and its DNS server; [`attach`]: an endpoint with addresses and names.
 //! - [`docker`]: the Docker event watcher and API proxy.
 //! - [`api`]: the local HTTP API, status text and metrics; [`cli`] and the binary.
-//! - [`state`]: the state directory; [`app`] wires everything.
+//! - [`state`]: the state directory; [`lock`]: one agent per host; [`config`]:
+//!   the launch flags checked; [`task`]: owned background tasks; [`app`] wires
+//!   everything.
 
 pub mod api;
 pub mod app;
 pub mod attach;
 pub mod cli;
+pub mod config;
 pub mod datapath;
 pub mod discovery;
 pub mod docker;
 pub mod dns;
 pub mod endpoints;
 pub mod ipam;
+pub mod lock;
 pub mod mesh;
 pub mod state;
 pub mod task;

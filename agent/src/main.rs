@@ -26,8 +26,16 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Launch(args) => {
+            // Every flag is checked before anything is touched.
+            let config = match weft::config::LaunchConfig::from_args(&args, cli.api) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("weft: {e}");
+                    return ExitCode::from(weft::app::exit::USAGE);
+                }
+            };
             init_logging(&args.log);
-            match runtime.block_on(weft::app::run(*args, cli.api)) {
+            match runtime.block_on(weft::app::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("weft: {e}");

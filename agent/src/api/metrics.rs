@@ -90,10 +90,10 @@ pub async fn handler(State(ctx): State<Ctx>) -> Response {
         use std::sync::atomic::Ordering::Relaxed;
         let entries = Gauge::<i64>::default();
         registry.register("weft_dns_entries", "Live names in the DNS table, all hosts", entries.clone());
-        entries.set(dns.table.len() as i64);
+        entries.set(dns.entries() as i64);
         let queries = Family::<ReasonLabels, Counter>::default();
         registry.register("weft_dns_queries", "DNS queries served here, by outcome", queries.clone());
-        let c = &dns.counters;
+        let c = dns.counters();
         for (outcome, n) in [("answered", &c.answered), ("nxdomain", &c.nxdomain), ("forwarded", &c.forwarded), ("failed", &c.failed)] {
             queries.get_or_create(&ReasonLabels { reason: outcome.into() }).inc_by(n.load(Relaxed));
         }

@@ -20,9 +20,11 @@ use axum::{Json, Router};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::attach::{AttachError, Attacher, Spec, parse_wants};
+use crate::task::Task;
+
+use crate::attach::{AttachError, Attacher, ContainerRuntime, ErrorKind, RuntimeError, Spec, parse_wants};
 use crate::datapath::Datapath;
 use crate::endpoints::{self, EndpointTable};
 use crate::ipam::{IpamError, IpamHandle};
@@ -41,7 +43,7 @@ pub struct Ctx {
     pub dns: Option<crate::dns::DnsHandle>,
     pub attacher: Attacher,
     /// `None` with `--no-docker`.
-    pub docker: Option<crate::docker::DockerHandle>,
+    pub docker: Option<Arc<dyn ContainerRuntime>>,
     pub shutdown: CancellationToken,
     /// Set by `/reset`: the agent removes its data path and state as it stops.
     pub reset: Arc<tokio::sync::watch::Sender<bool>>,
@@ -106,17 +108,27 @@ pub fn router(ctx: Ctx) -> Router {
         .with_state(ctx)
 }
 
-/// Serves the API on `addr` until `cancel`.
-pub async fn serve(addr: SocketAddr, ctx: Ctx, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        let app = router(ctx);
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await {
-            warn!(error = %e, "HTTP API stopped");
-        }
-    });
-    Ok(local)
+/// Why the API could not listen.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve the API on {addr}: {source} (is another weft running? pass --api)")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds the API's address (a launch binds everything before it touches the
+/// kernel).
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })
+}
+
+/// Serves the API on `listener` until the task is stopped.
+pub fn spawn(listener: tokio::net::TcpListener, ctx: Ctx) -> Task<std::io::Error> {
+    let span = tracing::info_span!("api", addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+    Task::spawn("api", span, CancellationToken::new(), move |cancel| async move {
+        axum::serve(listener, router(ctx)).with_graceful_shutdown(cancel.cancelled_owned()).await
+    })
 }
 
 async fn status(State(ctx): State<Ctx>) -> Response {
@@ -284,33 +296,37 @@ fn netns_path(netns: &str) -> PathBuf {
     if netns.contains('/') { PathBuf::from(netns) } else { PathBuf::from("/run/netns").join(netns) }
 }
 
+/// The status for a failed attach, detach or address request: 503 for what
+/// passes (the CLI and Docker's worker retry), 404 for an unknown container,
+/// 400 for other mistakes of the caller, 500 for this host's failures.
 fn attach_error(e: AttachError) -> ApiError {
-    match e {
-        AttachError::Unavailable(m) => ApiError(StatusCode::SERVICE_UNAVAILABLE, m),
-        AttachError::Invalid(m) => bad_request(m),
-    }
+    let status = match (&e, e.kind()) {
+        (AttachError::Runtime(RuntimeError::NoSuchContainer { .. }), _) => StatusCode::NOT_FOUND,
+        (_, ErrorKind::Unavailable) => StatusCode::SERVICE_UNAVAILABLE,
+        (_, ErrorKind::Invalid) => StatusCode::BAD_REQUEST,
+        (_, ErrorKind::Internal) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(status, e.to_string())
 }
 
 fn ipam_error(e: IpamError) -> ApiError {
     attach_error(e.into())
 }
 
-fn docker_of(ctx: &Ctx) -> Result<&crate::docker::DockerHandle, ApiError> {
-    ctx.docker.as_ref().ok_or_else(|| {
-        bad_request("the Docker integration is off (--no-docker): attach a namespace with --netns")
-    })
+fn docker_of(ctx: &Ctx) -> Result<&Arc<dyn ContainerRuntime>, ApiError> {
+    ctx.docker.as_ref().ok_or_else(|| attach_error(RuntimeError::Off.into()))
 }
 
 async fn attach(State(ctx): State<Ctx>, Json(req): Json<AttachRequest>) -> Result<Response, ApiError> {
     let attached = match (&req.container, &req.netns) {
-        (Some(container), None) => docker_of(&ctx)?.attach(container, req.addrs.clone()).await.map_err(bad_request)?,
+        (Some(container), None) => docker_of(&ctx)?.attach(container, req.addrs.clone()).await.map_err(attach_error)?,
         (None, Some(netns)) => {
             let path = netns_path(netns);
             let id = req.id.clone().unwrap_or_else(|| {
                 path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| netns.clone())
             });
             let mut spec = Spec::new(id, path);
-            spec.wants = parse_wants(&req.addrs).map_err(bad_request)?;
+            spec.wants = parse_wants(&req.addrs).map_err(|e| attach_error(e.into()))?;
             if let Some(ifname) = &req.ifname {
                 spec.ifname = ifname.clone();
             }
@@ -328,7 +344,7 @@ async fn detach(State(ctx): State<Ctx>, Json(req): Json<DetachRequest>) -> Resul
     if ctx.attacher.is_attached(&req.id).await || ctx.docker.is_none() {
         ctx.attacher.detach(&req.id).await.map_err(attach_error)?;
     } else {
-        docker_of(&ctx)?.detach(&req.id).await.map_err(bad_request)?;
+        docker_of(&ctx)?.detach(&req.id).await.map_err(attach_error)?;
     }
     Ok(text(String::new()))
 }
@@ -396,7 +412,7 @@ async fn ps(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
         Some(d) => d.names().await,
         None => Default::default(),
     };
-    Ok(text(render::ps(&ctx.dp.local_endpoints().await.map_err(internal)?, &names)))
+    Ok(text(render::ps(&ctx.attacher.endpoints().await.map_err(attach_error)?, &names)))
 }
 
 /// `GET /proxy`: where the Docker API proxy listens, one per line.
@@ -451,9 +467,9 @@ async fn dns_remove_container(State(ctx): State<Ctx>, Path(container): Path<Stri
 /// `GET /name/{name}`: the addresses of a name.
 async fn dns_lookup(State(ctx): State<Ctx>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let dns = dns_of(&ctx)?;
-    let fqdn = dns.fqdn(&name);
-    match dns.table.index().by_name.get(&fqdn) {
-        Some(addrs) => Ok(text(addrs.iter().map(|a| format!("{a}\n")).collect())),
-        None => Err(ApiError(StatusCode::NOT_FOUND, format!("{fqdn} not found"))),
+    let addrs = dns.lookup(&name);
+    if addrs.is_empty() {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("{} not found", dns.fqdn(&name))));
     }
+    Ok(text(addrs.iter().map(|a| format!("{a}\n")).collect()))
 }

@@ -180,9 +180,9 @@ pub fn ipam(s: &crate::ipam::IpamStatus) -> String {
 pub fn dns(dns: &crate::dns::DnsHandle, s: &MeshStatus) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let mut out = String::new();
-    let c = &dns.counters;
-    let _ = writeln!(out, "{:>15}: {}", "Domain", dns.domain);
-    let _ = writeln!(out, "{:>15}: {}", "Entries", dns.table.len());
+    let c = dns.counters();
+    let _ = writeln!(out, "{:>15}: {}", "Domain", dns.domain());
+    let _ = writeln!(out, "{:>15}: {}", "Entries", dns.entries());
     let _ = writeln!(
         out,
         "{:>15}: {} answered, {} NXDOMAIN, {} forwarded, {} failed",
@@ -193,7 +193,7 @@ pub fn dns(dns: &crate::dns::DnsHandle, s: &MeshStatus) -> String {
         c.failed.load(Relaxed)
     );
     out.push('\n');
-    for k in dns.table.live() {
+    for k in dns.names() {
         let nick = s.peers.iter().find(|p| p.name == k.origin).map(|p| p.nickname.as_str());
         let _ = writeln!(out, "{:<32} {:<16} {:<24} {}", k.name, k.addr, k.container, who(k.origin, nick));
     }

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::mesh::MeshHandle;
+use crate::task::Task;
 
 /// What a source found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -63,9 +64,23 @@ pub enum Kind {
 /// The longest wait between attempts after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
-/// Asks `source` every `interval` (after a failure: 1 s, doubling up to
-/// `interval` or 5 minutes) and applies the answer; until `cancel`.
-pub async fn run(
+/// Starts asking `source` every `interval` (after a failure: 1 s, doubling up
+/// to `interval` or 5 minutes) and applying the answer. A failing source never
+/// ends the task: it keeps the peers it has and retries.
+pub fn spawn(
+    source: Box<dyn Source>,
+    mesh: MeshHandle,
+    given: BTreeSet<Ipv4Addr>,
+    ipam_view: watch::Sender<Option<BTreeSet<Ipv4Addr>>>,
+    interval: Duration,
+) -> Task<SourceError> {
+    Task::spawn("discovery", tracing::info_span!("discovery"), CancellationToken::new(), move |cancel| async move {
+        run(source, mesh, given, ipam_view, interval, cancel).await;
+        Ok(())
+    })
+}
+
+async fn run(
     source: Box<dyn Source>,
     mesh: MeshHandle,
     given: BTreeSet<Ipv4Addr>,
@@ -140,8 +155,28 @@ fn diff(have: &BTreeSet<Ipv4Addr>, want: &BTreeSet<Ipv4Addr>) -> (Vec<Ipv4Addr>,
     (want.difference(have).copied().collect(), have.difference(want).copied().collect())
 }
 
-/// The source `kind` names, from the launch settings; an error says what to do.
-pub fn source(kind: Kind, settings: &Settings) -> Result<Option<Box<dyn Source>>, String> {
+/// A source this build of weft does not have.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("--discovery {kind}: this weft was built without AWS support; use a release built with `cargo build --release --features aws`")]
+pub struct Unavailable {
+    pub kind: &'static str,
+}
+
+/// Whether this build has the source `kind` names.
+pub fn available(kind: Kind) -> Result<(), Unavailable> {
+    match kind {
+        Kind::None => Ok(()),
+        #[cfg(feature = "aws")]
+        Kind::AwsAsg => Ok(()),
+        #[cfg(not(feature = "aws"))]
+        Kind::AwsAsg => Err(Unavailable { kind: "aws-asg" }),
+    }
+}
+
+/// The source `kind` names, from the launch settings (checked with
+/// [`available`] first).
+pub fn source(kind: Kind, settings: &Settings) -> Result<Option<Box<dyn Source>>, Unavailable> {
+    available(kind)?;
     match kind {
         Kind::None => Ok(None),
         #[cfg(feature = "aws")]
@@ -149,7 +184,7 @@ pub fn source(kind: Kind, settings: &Settings) -> Result<Option<Box<dyn Source>>
         #[cfg(not(feature = "aws"))]
         Kind::AwsAsg => {
             let _ = settings;
-            Err("--discovery aws-asg: this weft was built without AWS support; use a release built with `--features aws`".into())
+            Err(Unavailable { kind: "aws-asg" })
         }
     }
 }

@@ -46,12 +46,9 @@ pub struct Handler(Arc<Inner>);
 
 impl Handler {
     /// A handler for `domain` answering from `table`, forwarding through `upstream`.
-    pub fn new(table: Arc<NameTable>, domain: &str, ttl: u32, upstream: Upstream, counters: Arc<Counters>) -> Result<Self, String> {
-        let domain = Name::from_str(&super::table::normalize(domain, ""))
-            .map_err(|e| format!("invalid --dns-domain {domain:?}: {e}"))?
-            .to_lowercase();
+    pub fn new(table: Arc<NameTable>, domain: &Name, ttl: u32, upstream: Upstream, counters: Arc<Counters>) -> Self {
         table.set_ttl(ttl);
-        Ok(Handler(Arc::new(Inner { table, domain, ttl, upstream, counters })))
+        Handler(Arc::new(Inner { table, domain: domain.to_lowercase(), ttl, upstream, counters }))
     }
 }
 
@@ -397,20 +394,43 @@ fn udp_thread(socket: Arc<std::net::UdpSocket>, handler: Handler, runtime: tokio
     }
 }
 
-/// Serves `handler` on UDP and TCP at `addr` until `cancel`; returns the bound
-/// address (port 0 picks one). UDP: one SO_REUSEPORT socket and thread per
-/// core; TCP: hickory-server's.
-pub async fn listen(addr: SocketAddr, handler: Handler, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
+/// The sockets of one DNS listen address, bound but not served yet (a launch
+/// binds everything before it touches the kernel).
+#[derive(Debug)]
+pub struct Bound {
+    udp: Vec<std::net::UdpSocket>,
+    tcp: std::net::TcpListener,
+    local: SocketAddr,
+}
+
+impl Bound {
+    /// The bound address (port 0 picks one).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+/// Binds UDP and TCP at `addr`: one SO_REUSEPORT UDP socket per core.
+pub fn bind(addr: SocketAddr) -> std::io::Result<Bound> {
     let first = shared_udp(addr)?;
     let local = first.local_addr()?;
-    let tcp = tokio::net::TcpListener::bind(local).await?;
+    let tcp = std::net::TcpListener::bind(local)?;
+    tcp.set_nonblocking(true)?;
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut sockets = vec![first];
+    let mut udp = vec![first];
     for _ in 1..cores {
-        sockets.push(shared_udp(local)?);
+        udp.push(shared_udp(local)?);
     }
+    Ok(Bound { udp, tcp, local })
+}
+
+/// Serves `handler` on `bound` until `cancel`; returns the address. UDP: one
+/// thread per socket; TCP: hickory-server's.
+pub fn serve(bound: Bound, handler: Handler, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
+    let Bound { udp, tcp, local } = bound;
+    let tcp = tokio::net::TcpListener::from_std(tcp)?;
     let runtime = tokio::runtime::Handle::current();
-    for socket in sockets {
+    for socket in udp {
         let (handler, runtime, cancel) = (handler.clone(), runtime.clone(), cancel.clone());
         std::thread::Builder::new()
             .name("weft-dns".into())
@@ -425,4 +445,9 @@ pub async fn listen(addr: SocketAddr, handler: Handler, cancel: CancellationToke
         }
     });
     Ok(local)
+}
+
+/// [`bind`] then [`serve`].
+pub fn listen(addr: SocketAddr, handler: Handler, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
+    serve(bind(addr)?, handler, cancel)
 }

@@ -226,7 +226,7 @@ impl NameTable {
     }
 
     /// Merges entries; returns (what was new, what we assert back as origin).
-    fn merge(&self, incoming: Vec<(Key, Entry)>) -> (Vec<(Key, Entry)>, Vec<(Key, Entry)>) {
+    fn merge(&self, incoming: Vec<(Key, Entry)>) -> (Entries, Entries) {
         let mut entries = self.entries.lock().expect("table lock");
         let (mut new, mut asserted) = (Vec::new(), Vec::new());
         for (k, e) in incoming {
@@ -260,6 +260,9 @@ impl NameTable {
 fn encode(entries: &[(Key, Entry)]) -> Vec<u8> {
     postcard::to_stdvec(entries).expect("entries encode")
 }
+
+/// Entries as they travel and are stored.
+type Entries = Vec<(Key, Entry)>;
 
 /// The mesh side of the table; asserted entries go out through `assert_tx`.
 pub struct TableGossiper {
@@ -323,11 +326,11 @@ mod tests {
         };
         let r = ta.remove("c1", None, None).unwrap();
         gb.on_gossip(a, &r).unwrap();
-        assert!(tb.index().by_name.get(&name).is_none(), "removed everywhere");
+        assert!(!tb.index().by_name.contains_key(&name), "removed everywhere");
         assert!(tb.index().by_addr.is_empty(), "PTR skips tombstones");
         // An old full state does not bring it back.
         assert!(gb.on_gossip(a, &full_before).unwrap().is_none());
-        assert!(tb.index().by_name.get(&name).is_none());
+        assert!(!tb.index().by_name.contains_key(&name));
         gb.on_peers_gone(&[a]);
         assert!(tb.live().is_empty());
         assert!(gb.on_gossip(a, b"\xff\xff").is_err());

@@ -126,7 +126,17 @@ pub enum Plan {
 
 /// Decides what to do with a container. `addrs` overrides its `WEFT_CIDR`
 /// (`weft attach ADDR... CONTAINER`).
-pub fn plan(f: &Facts, naming: &Naming, addrs: Option<&[String]>) -> Plan {
+///
+/// Addresses given by the user (`weft attach ADDR... CONTAINER`) that cannot be
+/// read are an error; a container's own unusable `WEFT_CIDR` skips it.
+pub fn plan(f: &Facts, naming: &Naming, addrs: Option<&[String]>) -> Result<Plan, crate::attach::WantsError> {
+    if let Some(a) = addrs {
+        parse_wants(a)?;
+    }
+    Ok(plan_checked(f, naming, addrs))
+}
+
+fn plan_checked(f: &Facts, naming: &Naming, addrs: Option<&[String]>) -> Plan {
     if !f.running || f.pid <= 0 {
         return Plan::Gone;
     }
@@ -213,17 +223,17 @@ mod tests {
 
     #[test]
     fn a_plain_container_gets_one_address_and_its_name() {
-        assert_eq!(plan(&facts(), &naming(), None), Plan::Attach { wants: vec![Want::In(None)], names: vec!["web".into()] });
+        assert_eq!(plan(&facts(), &naming(), None).unwrap(), Plan::Attach { wants: vec![Want::In(None)], names: vec!["web".into()] });
     }
 
     #[test]
     fn exited_or_pid_zero_is_gone() {
         let mut f = facts();
         f.pid = 0;
-        assert_eq!(plan(&f, &naming(), None), Plan::Gone);
+        assert_eq!(plan(&f, &naming(), None).unwrap(), Plan::Gone);
         let mut f = facts();
         f.running = false;
-        assert_eq!(plan(&f, &naming(), None), Plan::Gone);
+        assert_eq!(plan(&f, &naming(), None).unwrap(), Plan::Gone);
     }
 
     #[test]
@@ -231,24 +241,24 @@ mod tests {
         for (mode, attach) in [("", true), ("bridge", true), ("host", false), ("none", false), ("container:abc", false), ("mynet", false)] {
             let mut f = facts();
             f.network_mode = mode.into();
-            assert_eq!(matches!(plan(&f, &naming(), None), Plan::Attach { .. }), attach, "{mode}");
+            assert_eq!(matches!(plan(&f, &naming(), None).unwrap(), Plan::Attach { .. }), attach, "{mode}");
         }
         // Asked for by hand, a --network none container is attached.
         let mut f = facts();
         f.network_mode = "none".into();
-        assert!(matches!(plan(&f, &naming(), Some(&[])), Plan::Attach { .. }));
+        assert!(matches!(plan(&f, &naming(), Some(&[])).unwrap(), Plan::Attach { .. }));
     }
 
     #[test]
     fn weft_cidr_and_weave_cidr() {
         let mut f = facts();
         f.env = vec!["WEAVE_CIDR=net:10.40.0.0/16 ip:10.32.9.9/12".into()];
-        let Plan::Attach { wants, .. } = plan(&f, &naming(), None) else { panic!() };
+        let Plan::Attach { wants, .. } = plan(&f, &naming(), None).unwrap() else { panic!() };
         assert_eq!(wants.len(), 2);
         f.env.push("WEFT_CIDR=none".into());
-        assert!(matches!(plan(&f, &naming(), None), Plan::Skip(_)), "WEFT_CIDR wins");
+        assert!(matches!(plan(&f, &naming(), None).unwrap(), Plan::Skip(_)), "WEFT_CIDR wins");
         f.env = vec!["WEFT_CIDR=bogus".into()];
-        let Plan::Skip(why) = plan(&f, &naming(), None) else { panic!() };
+        let Plan::Skip(why) = plan(&f, &naming(), None).unwrap() else { panic!() };
         assert!(why.contains("bogus"), "{why}");
     }
 

@@ -116,7 +116,7 @@ pub fn rewrite(body: &mut Value, name: Option<&str>, image: Option<&ImageConfig>
         .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
         .unwrap_or_default();
     let facts = super::container::Facts { running: true, pid: 1, env, network_mode, ..Default::default() };
-    if let super::container::Plan::Skip(why) = super::container::plan(&facts, &opts.naming, None) {
+    if let Ok(super::container::Plan::Skip(why)) = super::container::plan(&facts, &opts.naming, None) {
         return Outcome::Untouched(format!("weft does not attach it: {why}"));
     }
     if !obj.get(&hc_key).is_some_and(Value::is_object) {

@@ -21,16 +21,18 @@ pub mod proxy;
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bollard::Docker;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, warn};
 
-use crate::attach::{AttachError, Attacher, Spec};
+use crate::attach::{AttachError, Attacher, ContainerRuntime, RuntimeError, Spec};
+use crate::task::{Task, TaskError};
 use crate::datapath::AttachedEndpoint;
 use container::{Facts, Naming, Plan, is_container_id};
 pub use proxy::Listen;
@@ -48,8 +50,6 @@ pub const DEFAULT_PROXY: &str = "unix:///var/run/weft/weft.sock";
 pub struct DockerConfig {
     /// Docker's socket.
     pub socket: PathBuf,
-    /// Where the API proxy listens (none: no proxy).
-    pub proxy: Vec<Listen>,
     pub naming: Naming,
     pub multicast_route: bool,
     /// Write the overlay address into containers' /etc/hosts.
@@ -71,6 +71,18 @@ pub fn install_wait_binary(dir: &std::path::Path) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
+/// Why the Docker integration stopped. It waits for Docker rather than fail,
+/// so today nothing ends it but a stop; the type keeps the owned-task shape.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("Docker socket {socket}: {source}")]
+    Client {
+        socket: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+}
+
 /// What the per-container task is asked to do.
 enum Job {
     /// It started (or is running at reconcile): attach if it should be.
@@ -78,53 +90,79 @@ enum Job {
     /// It died or was removed: detach.
     Gone,
     /// `weft attach [ADDR...] CONTAINER`.
-    Attach { addrs: Vec<String>, reply: oneshot::Sender<Result<AttachedEndpoint, String>> },
+    Attach { addrs: Vec<String>, reply: oneshot::Sender<Result<AttachedEndpoint, AttachError>> },
     /// `weft detach CONTAINER`.
-    Detach { reply: oneshot::Sender<Result<(), String>> },
+    Detach { reply: oneshot::Sender<Result<(), AttachError>> },
 }
 
-/// The Docker integration's handle (for the API).
+/// The Docker integration's handle (for the API, as a [`ContainerRuntime`]).
 #[derive(Clone)]
 pub struct DockerHandle(Arc<Inner>);
 
 struct Inner {
-    client: Docker,
+    /// Made once Docker's socket exists (the watcher waits for it).
+    client: OnceLock<Docker>,
     attacher: Attacher,
     config: DockerConfig,
     workers: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
-    proxy: Mutex<Vec<Listen>>,
+    /// The per-container tasks: stopped and waited for at shutdown.
+    tracker: TaskTracker,
+    proxy: Vec<Listen>,
     cancel: CancellationToken,
 }
 
-/// Starts the watcher and the proxy. Docker need not be running: the watcher
+/// The running Docker integration; its owner stops it.
+pub struct DockerService {
+    handle: DockerHandle,
+    task: Task<DockerError>,
+}
+
+impl DockerService {
+    /// A handle for the API.
+    pub fn handle(&self) -> DockerHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the watcher, the proxy and every container task; waits for them.
+    pub async fn shutdown(self) -> Result<(), TaskError<DockerError>> {
+        self.handle.0.cancel.cancel();
+        let result = self.task.shutdown().await;
+        let tracker = &self.handle.0.tracker;
+        tracker.close();
+        tracker.wait().await;
+        result
+    }
+}
+
+/// Starts the watcher and serves the proxy on the `proxy` listeners (bound by
+/// the launch). Docker need not be running, nor its socket exist: the watcher
 /// waits for it (and says so once).
-pub async fn start(
+pub fn spawn(
     config: DockerConfig,
     attacher: Attacher,
     dns_server: watch::Receiver<Option<Ipv4Addr>>,
-    cancel: CancellationToken,
-) -> Result<DockerHandle, String> {
-    let socket = config.socket.display().to_string();
-    let client = Docker::connect_with_unix(&socket, 30, bollard::API_DEFAULT_VERSION)
-        .map_err(|e| format!("Docker socket {socket}: {e}"))?;
+    proxy: Vec<proxy::Bound>,
+) -> DockerService {
+    let cancel = CancellationToken::new();
+    let listening = if proxy.is_empty() {
+        Vec::new()
+    } else {
+        let options = proxy_options(&config, dns_server, cancel.clone());
+        let p = Arc::new(proxy::Proxy { upstream: config.socket.clone(), options });
+        proxy::serve(p, proxy, cancel.clone())
+    };
     let handle = DockerHandle(Arc::new(Inner {
-        client,
+        client: OnceLock::new(),
         attacher,
-        config: config.clone(),
+        config,
         workers: Mutex::new(HashMap::new()),
-        proxy: Mutex::new(Vec::new()),
+        tracker: TaskTracker::new(),
+        proxy: listening,
         cancel: cancel.clone(),
     }));
-    if !config.proxy.is_empty() {
-        let options = proxy_options(&config, dns_server, cancel.clone());
-        let proxy = Arc::new(proxy::Proxy { upstream: config.socket.clone(), options });
-        let bound = proxy::serve(proxy, &config.proxy, cancel.clone())
-            .await
-            .map_err(|e| format!("cannot serve the Docker API proxy on {:?}: {e} (pass --proxy-listen, or --no-proxy)", config.proxy.iter().map(ToString::to_string).collect::<Vec<_>>()))?;
-        *handle.0.proxy.lock().expect("proxy lock") = bound;
-    }
-    tokio::spawn(handle.clone().watch());
-    Ok(handle)
+    let watcher = handle.clone();
+    let task = Task::spawn("docker", tracing::info_span!("docker"), cancel.child_token(), move |c| watcher.watch(c));
+    DockerService { handle, task }
 }
 
 /// The create rewrite's options, following this host's overlay address (the
@@ -153,32 +191,32 @@ fn proxy_options(
     rx
 }
 
-impl DockerHandle {
-    /// Where the proxy listens (for `weft env`).
-    pub fn proxy_addresses(&self) -> Vec<String> {
-        self.0.proxy.lock().expect("proxy lock").iter().map(ToString::to_string).collect()
-    }
+/// A poisoned workers lock means a worker panicked while registering: a bug,
+/// but the map itself stays consistent, so keep going.
+fn workers(inner: &Inner) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Job>>> {
+    inner.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
-    /// `weft attach [ADDR...] CONTAINER`: by name or id.
-    pub async fn attach(&self, container: &str, addrs: Vec<String>) -> Result<AttachedEndpoint, String> {
+#[async_trait::async_trait]
+impl ContainerRuntime for DockerHandle {
+    async fn attach(&self, container: &str, addrs: Vec<String>) -> Result<AttachedEndpoint, AttachError> {
         let id = self.resolve(container).await?;
         let (reply, rx) = oneshot::channel();
         self.dispatch(&id, Job::Attach { addrs, reply });
-        rx.await.map_err(|_| "the agent is stopping".to_string())?
+        rx.await.map_err(|_| AttachError::Stopping)?
     }
 
-    /// `weft detach CONTAINER`.
-    pub async fn detach(&self, container: &str) -> Result<(), String> {
+    async fn detach(&self, container: &str) -> Result<(), AttachError> {
         let id = self.resolve(container).await?;
         let (reply, rx) = oneshot::channel();
         self.dispatch(&id, Job::Detach { reply });
-        rx.await.map_err(|_| "the agent is stopping".to_string())?
+        rx.await.map_err(|_| AttachError::Stopping)?
     }
 
-    /// Container ids → names, for `weft ps`.
-    pub async fn names(&self) -> HashMap<String, String> {
+    async fn names(&self) -> HashMap<String, String> {
+        let Some(client) = self.0.client.get() else { return HashMap::new() };
         let opts = bollard::query_parameters::ListContainersOptions { all: true, ..Default::default() };
-        match self.0.client.list_containers(Some(opts)).await {
+        match client.list_containers(Some(opts)).await {
             Ok(list) => list
                 .into_iter()
                 .filter_map(|c| {
@@ -190,17 +228,29 @@ impl DockerHandle {
         }
     }
 
-    async fn resolve(&self, container: &str) -> Result<String, String> {
-        match self.0.client.inspect_container(container, None).await {
-            Ok(c) => c.id.ok_or_else(|| format!("Docker did not say which container {container:?} is")),
-            Err(e) => Err(docker_error(container, &e)),
+    fn proxy_addresses(&self) -> Vec<String> {
+        self.0.proxy.iter().map(ToString::to_string).collect()
+    }
+}
+
+impl DockerHandle {
+    fn client(&self) -> Result<&Docker, RuntimeError> {
+        self.0.client.get().ok_or_else(|| RuntimeError::Unreachable {
+            source: format!("no Docker socket at {} yet", self.0.config.socket.display()).into(),
+        })
+    }
+
+    async fn resolve(&self, container: &str) -> Result<String, RuntimeError> {
+        match self.client()?.inspect_container(container, None).await {
+            Ok(c) => c.id.ok_or_else(|| RuntimeError::NoSuchContainer { container: container.to_string() }),
+            Err(e) => Err(runtime_error(container, e)),
         }
     }
 
     /// Hands a job to the container's task (started on first use; it ends when
     /// the container is removed).
     fn dispatch(&self, id: &str, job: Job) {
-        let mut workers = self.0.workers.lock().expect("workers lock");
+        let mut workers = workers(&self.0);
         let job = match workers.get(id) {
             Some(tx) => match tx.send(job) {
                 Ok(()) => return,
@@ -209,9 +259,11 @@ impl DockerHandle {
             None => job,
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        tx.send(job).expect("receiver alive");
+        // The receiver is right here: the send cannot fail.
+        let _ = tx.send(job);
         workers.insert(id.to_string(), tx);
-        tokio::spawn(self.clone().worker(id.to_string(), rx));
+        let span = tracing::info_span!("container", id = %short(id));
+        self.0.tracker.spawn(self.clone().worker(id.to_string(), rx).instrument(span));
     }
 
     async fn worker(self, id: String, mut rx: mpsc::UnboundedReceiver<Job>) {
@@ -234,37 +286,37 @@ impl DockerHandle {
             let was_gone = matches!(job, Job::Gone);
             match job {
                 Job::Started => match self.started(&id, None).await {
-                    Err(AttachError::Unavailable(e)) => {
+                    Err(e) if e.is_retryable() => {
                         let next = retry.map_or(Duration::from_millis(500), |d| (d * 2).min(Duration::from_secs(10)));
-                        info!(container = %short(&id), error = %e, retry_in = ?next, "container not attached yet");
+                        info!(error = %e, retry_in = ?next, "container not attached yet");
                         retry = Some(next);
                         continue;
                     }
-                    Err(AttachError::Invalid(e)) => warn!(container = %short(&id), error = %e, "cannot attach container"),
+                    Err(e) => warn!(error = %e, "cannot attach container"),
                     Ok(_) => {}
                 },
                 Job::Gone => {
                     if let Err(e) = self.gone(&id).await {
-                        warn!(container = %short(&id), error = %e, "cannot detach container");
+                        warn!(error = %e, "cannot detach container");
                     }
                 }
                 Job::Attach { addrs, reply } => {
                     let r = match self.started(&id, Some(&addrs)).await {
                         Ok(Some(a)) => Ok(a),
-                        Ok(None) => Err("Docker says it is not running".to_string()),
-                        Err(e) => Err(e.to_string()),
+                        Ok(None) => Err(RuntimeError::NotRunning { container: short(&id).to_string() }.into()),
+                        Err(e) => Err(e),
                     };
                     let _ = reply.send(r);
                 }
                 Job::Detach { reply } => {
-                    let _ = reply.send(self.gone(&id).await.map_err(|e| e.to_string()));
+                    let _ = reply.send(self.gone(&id).await);
                 }
             }
             retry = None;
             // Removed containers never come back: the task ends. A job sent in
             // between starts a new task (the send fails once rx is gone).
             if was_gone && self.removed(&id).await {
-                let mut workers = self.0.workers.lock().expect("workers lock");
+                let mut workers = workers(&self.0);
                 if rx.is_empty() {
                     workers.remove(&id);
                     return;
@@ -275,8 +327,9 @@ impl DockerHandle {
 
     /// Whether Docker no longer knows the container.
     async fn removed(&self, id: &str) -> bool {
+        let Ok(client) = self.client() else { return false };
         matches!(
-            self.0.client.inspect_container(id, None).await,
+            client.inspect_container(id, None).await,
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
         )
     }
@@ -284,33 +337,29 @@ impl DockerHandle {
     /// Attaches a running container as its plan says (or as `weft attach` asks);
     /// `Ok(None)`: it is not for weft, or not running.
     async fn started(&self, id: &str, manual: Option<&[String]>) -> Result<Option<AttachedEndpoint>, AttachError> {
-        let facts = match self.0.client.inspect_container(id, None).await {
+        let facts = match self.client()?.inspect_container(id, None).await {
             Ok(c) => Facts::from_inspect(&c),
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
                 self.gone(id).await?;
                 return Ok(None);
             }
-            Err(e) => return Err(AttachError::Unavailable(docker_error(id, &e))),
+            Err(e) => return Err(runtime_error(id, e).into()),
         };
         let manual = manual.map(|a| a.to_vec());
-        match container::plan(&facts, &self.0.config.naming, manual.as_deref()) {
+        match container::plan(&facts, &self.0.config.naming, manual.as_deref())? {
             Plan::Gone => {
-                debug!(container = %short(id), "ended before it could be attached");
+                debug!("ended before it could be attached");
                 self.gone(id).await?;
                 Ok(None)
             }
             Plan::Skip(why) => {
-                debug!(container = %short(id), name = %facts.name, %why, "not attaching");
+                debug!(name = %facts.name, %why, "not attaching");
                 Ok(None)
             }
             Plan::Attach { wants, names } => {
-                let existing = self.0.attacher.dp.local_endpoints().await.ok().and_then(|eps| eps.into_iter().find(|e| e.id == id));
-                if let Some(ep) = existing {
+                if let Some(ep) = self.0.attacher.endpoint(id).await {
                     if manual.is_some() {
-                        return Err(AttachError::Invalid(format!(
-                            "{} is attached already (addresses {:?}): detach it first",
-                            facts.name, ep.addrs
-                        )));
+                        return Err(RuntimeError::AlreadyAttached { container: facts.name, addrs: ep.addrs }.into());
                     }
                     // Still attached from before (an agent restart): same
                     // addresses; make sure its names are there.
@@ -322,16 +371,17 @@ impl DockerHandle {
                 spec.dns_names = names;
                 spec.multicast_route = self.0.config.multicast_route;
                 if self.0.config.rewrite_hosts
-                    && let Some(path) = facts.hosts_path.clone() {
-                        let (host, domain) = (facts.hostname.clone(), facts.domainname.clone());
-                        spec.before_link = Some(Arc::new(move |addrs: &[ipnet::Ipv4Net]| {
-                            if let Some(a) = addrs.first() {
-                                write_hosts(&path, a.addr(), &host, &domain);
-                            }
-                        }));
-                    }
+                    && let Some(path) = facts.hosts_path.clone()
+                {
+                    let (host, domain) = (facts.hostname.clone(), facts.domainname.clone());
+                    spec.before_link = Some(Arc::new(move |addrs: &[ipnet::Ipv4Net]| {
+                        if let Some(a) = addrs.first() {
+                            write_hosts(&path, a.addr(), &host, &domain);
+                        }
+                    }));
+                }
                 let ep = self.0.attacher.attach(&spec).await?;
-                info!(container = %short(id), name = %facts.name, addrs = ?ep.addrs, "container attached");
+                info!(name = %facts.name, addrs = ?ep.addrs, "container attached");
                 Ok(Some(ep))
             }
         }
@@ -347,12 +397,32 @@ impl DockerHandle {
         Ok(())
     }
 
-    /// Follows Docker's events until cancelled, reconnecting as needed.
-    async fn watch(self) {
+    /// Waits for Docker's socket, then follows its events until cancelled,
+    /// reconnecting as needed.
+    async fn watch(self, cancel: CancellationToken) -> Result<(), DockerError> {
         let mut backoff = Duration::from_millis(250);
         let mut told = false;
         let socket = self.0.config.socket.display().to_string();
         loop {
+            if self.0.client.get().is_none() {
+                match Docker::connect_with_unix(&socket, 30, bollard::API_DEFAULT_VERSION) {
+                    Ok(client) => {
+                        let _ = self.0.client.set(client);
+                    }
+                    Err(e) => {
+                        if !told {
+                            warn!(docker = %socket, error = %e, "no Docker socket yet; containers are attached once Docker runs (or pass --docker-host, or --no-docker)");
+                            told = true;
+                        }
+                        tokio::select! {
+                            _ = cancel.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
+            }
             // Events from one second before the listing on: none is missed
             // between the two (handling them twice is harmless).
             let since = std::time::SystemTime::now()
@@ -364,28 +434,8 @@ impl DockerHandle {
                     info!(docker = %socket, running = n, "watching Docker");
                     told = false;
                     backoff = Duration::from_millis(250);
-                    let filters = HashMap::from([
-                        ("type".to_string(), vec!["container".to_string()]),
-                        ("event".to_string(), vec!["start".into(), "die".into(), "destroy".into()]),
-                    ]);
-                    let opts = bollard::query_parameters::EventsOptions { since: Some(since.to_string()), until: None, filters: Some(filters) };
-                    let mut events = self.0.client.events(Some(opts));
-                    loop {
-                        let next = tokio::select! {
-                            _ = self.0.cancel.cancelled() => return,
-                            n = events.next() => n,
-                        };
-                        match next {
-                            Some(Ok(ev)) => self.on_event(ev),
-                            Some(Err(e)) => {
-                                warn!(error = %e, "Docker's event stream failed; reconnecting");
-                                break;
-                            }
-                            None => {
-                                warn!("Docker's event stream ended (dockerd restarting?); reconnecting");
-                                break;
-                            }
-                        }
+                    if self.follow(since, &cancel).await {
+                        return Ok(());
                     }
                 }
                 Err(e) if !told => {
@@ -395,10 +445,38 @@ impl DockerHandle {
                 Err(e) => debug!(error = %e, "Docker still not reachable"),
             }
             tokio::select! {
-                _ = self.0.cancel.cancelled() => return,
+                _ = cancel.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// Follows the event stream until it ends; true when cancelled.
+    async fn follow(&self, since: u64, cancel: &CancellationToken) -> bool {
+        let Ok(client) = self.client() else { return false };
+        let filters = HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            ("event".to_string(), vec!["start".into(), "die".into(), "destroy".into()]),
+        ]);
+        let opts = bollard::query_parameters::EventsOptions { since: Some(since.to_string()), until: None, filters: Some(filters) };
+        let mut events = client.events(Some(opts));
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return true,
+                n = events.next() => n,
+            };
+            match next {
+                Some(Ok(ev)) => self.on_event(ev),
+                Some(Err(e)) => {
+                    warn!(error = %e, "Docker's event stream failed; reconnecting");
+                    return false;
+                }
+                None => {
+                    warn!("Docker's event stream ended (dockerd restarting?); reconnecting");
+                    return false;
+                }
+            }
         }
     }
 
@@ -413,28 +491,17 @@ impl DockerHandle {
 
     /// Attaches what runs; detaches, releases and unnames what does not (it
     /// ended while the agent or the event stream was away). Returns how many run.
-    async fn reconcile(&self) -> Result<usize, String> {
+    async fn reconcile(&self) -> Result<usize, RuntimeError> {
         let list = self
-            .0
-            .client
+            .client()?
             .list_containers(Some(bollard::query_parameters::ListContainersOptions::default()))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| RuntimeError::Unreachable { source: Box::new(e) })?;
         let running: BTreeSet<String> = list.into_iter().filter_map(|c| c.id).collect();
         for id in &running {
             self.dispatch(id, Job::Started);
         }
-        let a = &self.0.attacher;
-        let mut known: BTreeSet<String> = BTreeSet::new();
-        if let Ok(eps) = a.dp.local_endpoints().await {
-            known.extend(eps.into_iter().map(|e| e.id));
-        }
-        if let Ok(status) = a.ipam.status().await {
-            known.extend(status.allocations.into_keys());
-        }
-        if let Some(dns) = &a.dns {
-            known.extend(dns.table.local().into_iter().filter(|(_, e)| e.tombstone.is_none()).map(|(k, _)| k.container));
-        }
+        let known = self.0.attacher.known_ids().await;
         for id in known.iter().filter(|id| is_container_id(id) && !running.contains(*id)) {
             self.dispatch(id, Job::Gone);
         }
@@ -452,13 +519,14 @@ fn write_hosts(path: &str, addr: Ipv4Addr, hostname: &str, domainname: &str) {
     }
 }
 
-fn docker_error(container: &str, e: &bollard::errors::Error) -> String {
+/// What a failed Docker call means for attach.
+fn runtime_error(container: &str, e: bollard::errors::Error) -> RuntimeError {
     match e {
         bollard::errors::Error::DockerResponseServerError { status_code: 404, .. } => {
-            format!("no such container: {container}")
+            RuntimeError::NoSuchContainer { container: container.to_string() }
         }
-        bollard::errors::Error::DockerResponseServerError { message, .. } => format!("Docker: {message}"),
-        e => format!("cannot reach Docker: {e} (is dockerd running? --docker-host)"),
+        e @ bollard::errors::Error::DockerResponseServerError { .. } => RuntimeError::Refused { source: Box::new(e) },
+        e => RuntimeError::Unreachable { source: Box::new(e) },
     }
 }
 

@@ -43,19 +43,30 @@ pub enum Listen {
     Tcp(std::net::SocketAddr),
 }
 
+/// A `--proxy-listen` value that is not an address the proxy can take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadListen {
+    #[error("{0:?}: give a path, e.g. unix:///var/run/weft/weft.sock")]
+    NoPath(String),
+    #[error("{0:?}: use tcp://ADDRESS:PORT, e.g. tcp://127.0.0.1:12375")]
+    BadTcp(String),
+    #[error("{0:?}: use unix:///PATH or tcp://ADDRESS:PORT")]
+    Scheme(String),
+}
+
 impl std::str::FromStr for Listen {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadListen;
+    fn from_str(s: &str) -> Result<Self, BadListen> {
         if let Some(p) = s.strip_prefix("unix://") {
             if p.is_empty() {
-                return Err(format!("{s:?}: give a path, e.g. unix:///var/run/weft/weft.sock"));
+                return Err(BadListen::NoPath(s.into()));
             }
             return Ok(Listen::Unix(PathBuf::from(p)));
         }
         if let Some(a) = s.strip_prefix("tcp://") {
-            return a.parse().map(Listen::Tcp).map_err(|_| format!("{s:?}: use tcp://ADDRESS:PORT, e.g. tcp://127.0.0.1:12375"));
+            return a.parse().map(Listen::Tcp).map_err(|_| BadListen::BadTcp(s.into()));
         }
-        Err(format!("{s:?}: use unix:///PATH or tcp://ADDRESS:PORT"))
+        Err(BadListen::Scheme(s.into()))
     }
 }
 
@@ -77,40 +88,83 @@ pub struct Proxy {
     pub options: tokio::sync::watch::Receiver<create::Options>,
 }
 
-/// Binds every address, then serves until `cancel`. Returns the bound addresses.
-pub async fn serve(proxy: Arc<Proxy>, listen: &[Listen], cancel: CancellationToken) -> std::io::Result<Vec<Listen>> {
+/// One bound proxy listener, not serving yet (a launch binds everything before
+/// it touches the kernel).
+#[derive(Debug)]
+pub enum Bound {
+    Unix { listener: tokio::net::UnixListener, path: PathBuf },
+    Tcp { listener: tokio::net::TcpListener, local: std::net::SocketAddr },
+}
+
+impl Bound {
+    /// The address as `weft env` shows it (a TCP port 0 resolved).
+    pub fn listen(&self) -> Listen {
+        match self {
+            Bound::Unix { path, .. } => Listen::Unix(path.clone()),
+            Bound::Tcp { local, .. } => Listen::Tcp(*local),
+        }
+    }
+}
+
+/// Why the proxy could not listen.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve the Docker API proxy on {listen}: {source} (pass --proxy-listen, or --no-proxy)")]
+pub struct BindError {
+    pub listen: Listen,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds every address (must run inside a tokio runtime).
+pub async fn bind(listen: &[Listen]) -> Result<Vec<Bound>, BindError> {
     let mut bound = Vec::new();
     for l in listen {
-        match l {
-            Listen::Unix(path) => {
-                let listener = bind_unix(path)?;
-                bound.push(l.clone());
-                let (proxy, cancel, path) = (proxy.clone(), cancel.clone(), path.clone());
+        let err = |source| BindError { listen: l.clone(), source };
+        bound.push(match l {
+            Listen::Unix(path) => Bound::Unix { listener: bind_unix(path).map_err(err)?, path: path.clone() },
+            Listen::Tcp(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+                let local = listener.local_addr().map_err(err)?;
+                Bound::Tcp { listener, local }
+            }
+        });
+    }
+    Ok(bound)
+}
+
+/// How long an accept loop waits after a failure (file descriptors may have run
+/// out: retrying at once would spin).
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Serves on every bound listener until `cancel`; a unix socket is removed when
+/// it stops. Returns the addresses.
+pub fn serve(proxy: Arc<Proxy>, bound: Vec<Bound>, cancel: CancellationToken) -> Vec<Listen> {
+    let addrs: Vec<Listen> = bound.iter().map(Bound::listen).collect();
+    for b in bound {
+        let (proxy, cancel) = (proxy.clone(), cancel.clone());
+        match b {
+            Bound::Unix { listener, path } => {
                 tokio::spawn(async move {
                     loop {
                         tokio::select! {
                             _ = cancel.cancelled() => break,
                             r = listener.accept() => match r {
                                 Ok((s, _)) => { tokio::spawn(connection(proxy.clone(), s)); }
-                                Err(e) => { warn!(error = %e, "proxy: accept failed"); tokio::time::sleep(std::time::Duration::from_millis(100)).await; }
+                                Err(e) => { warn!(error = %e, "proxy: accept failed"); tokio::time::sleep(ACCEPT_BACKOFF).await; }
                             }
                         }
                     }
                     let _ = std::fs::remove_file(&path);
                 });
             }
-            Listen::Tcp(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr).await?;
-                let local = listener.local_addr()?;
-                bound.push(Listen::Tcp(local));
-                let (proxy, cancel) = (proxy.clone(), cancel.clone());
+            Bound::Tcp { listener, .. } => {
                 tokio::spawn(async move {
                     loop {
                         tokio::select! {
                             _ = cancel.cancelled() => break,
                             r = listener.accept() => match r {
                                 Ok((s, _)) => { let _ = s.set_nodelay(true); tokio::spawn(connection(proxy.clone(), s)); }
-                                Err(e) => { warn!(error = %e, "proxy: accept failed"); tokio::time::sleep(std::time::Duration::from_millis(100)).await; }
+                                Err(e) => { warn!(error = %e, "proxy: accept failed"); tokio::time::sleep(ACCEPT_BACKOFF).await; }
                             }
                         }
                     }
@@ -118,8 +172,8 @@ pub async fn serve(proxy: Arc<Proxy>, listen: &[Listen], cancel: CancellationTok
             }
         }
     }
-    info!(listen = ?bound.iter().map(ToString::to_string).collect::<Vec<_>>(), upstream = %proxy.upstream.display(), "Docker API proxy serving");
-    Ok(bound)
+    info!(listen = ?addrs.iter().map(ToString::to_string).collect::<Vec<_>>(), upstream = %proxy.upstream.display(), "Docker API proxy serving");
+    addrs
 }
 
 /// A unix socket as Docker's own: mode 0660, group `docker` if there is one.
@@ -271,7 +325,7 @@ where
     }
     let mut resp = match send(&proxy.upstream, req).await {
         Ok(r) => r,
-        Err(e) => return error_response(StatusCode::BAD_GATEWAY, &e),
+        Err(e) => return error_response(StatusCode::BAD_GATEWAY, &e.to_string()),
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade {
@@ -291,7 +345,22 @@ where
     resp.map(Either::Left)
 }
 
-async fn send<B>(upstream: &Path, req: Request<B>) -> Result<Response<Incoming>, String>
+/// Why a request could not be passed to Docker.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("weft proxy: cannot reach Docker at {path}: {source} (is dockerd running?)")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("weft proxy: talking to Docker: {0}")]
+    Handshake(#[source] hyper::Error),
+    #[error("weft proxy: Docker did not answer: {0}")]
+    Send(#[source] hyper::Error),
+}
+
+async fn send<B>(upstream: &Path, req: Request<B>) -> Result<Response<Incoming>, UpstreamError>
 where
     B: Body + Send + 'static,
     B::Data: Send,
@@ -299,18 +368,18 @@ where
 {
     let stream = UnixStream::connect(upstream)
         .await
-        .map_err(|e| format!("weft proxy: cannot reach Docker at {}: {e} (is dockerd running?)", upstream.display()))?;
+        .map_err(|source| UpstreamError::Connect { path: upstream.to_path_buf(), source })?;
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .preserve_header_case(true)
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("weft proxy: talking to Docker: {e}"))?;
+        .map_err(UpstreamError::Handshake)?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             debug!(error = %e, "proxy: upstream connection ended");
         }
     });
-    sender.send_request(req).await.map_err(|e| format!("weft proxy: Docker did not answer: {e}"))
+    sender.send_request(req).await.map_err(UpstreamError::Send)
 }
 
 /// `POST /containers/create`: read the (small) body, rewrite it for weft, pass

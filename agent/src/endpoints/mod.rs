@@ -17,8 +17,9 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::datapath::{Datapath, RemoteEndpoint};
-use crate::mesh::{ConnState, MeshHandle, MeshStatus, PeerName};
+use crate::datapath::{Datapath, DatapathError, RemoteEndpoint};
+use crate::mesh::{ConnState, MeshBuilder, MeshHandle, MeshStatus, PeerName};
+use crate::task::Task;
 
 pub use table::{EndpointRecord, EndpointTable};
 
@@ -91,18 +92,36 @@ pub fn desired(
     d
 }
 
+/// Makes this peer's endpoint table and registers its gossip channel.
+pub fn register(mesh: &mut MeshBuilder, version: u64) -> Arc<EndpointTable> {
+    let table = Arc::new(EndpointTable::new(mesh.handle().name(), version));
+    mesh.add_channel(CHANNEL, table.clone());
+    table
+}
+
+/// Starts the programmer. Until `removals_after` nothing is removed: a restarted
+/// agent finds the pinned routes of its previous run and must not drop them
+/// before its mesh re-forms.
+pub fn spawn(
+    dp: Arc<dyn Datapath>,
+    mesh: MeshHandle,
+    table: Arc<EndpointTable>,
+    removals_after: std::time::Instant,
+) -> Task<DatapathError> {
+    let programmer = Programmer { dp, mesh, table, removals_after, learned: BTreeMap::new() };
+    Task::spawn("programmer", tracing::info_span!("programmer"), CancellationToken::new(), move |c| programmer.run(c))
+}
+
 /// Keeps the data path in line with the mesh and the endpoint table.
-pub struct Programmer {
-    pub dp: Arc<dyn Datapath>,
-    pub mesh: MeshHandle,
-    pub table: Arc<EndpointTable>,
-    /// Until then nothing is removed: a restarted agent finds the pinned routes
-    /// of its previous run and must not drop them before its mesh re-forms.
-    pub removals_after: std::time::Instant,
+struct Programmer {
+    dp: Arc<dyn Datapath>,
+    mesh: MeshHandle,
+    table: Arc<EndpointTable>,
+    removals_after: std::time::Instant,
     /// Entries the data path learned from traffic, and when this programmer
     /// first saw each: kept for [`LEARNED_GRACE`] so the announcement can catch
     /// up, then dropped unless announced by then.
-    pub learned: BTreeMap<Ipv4Addr, std::time::Instant>,
+    learned: BTreeMap<Ipv4Addr, std::time::Instant>,
 }
 
 /// How long a learned entry nobody announced stays (a container that lived
@@ -110,8 +129,9 @@ pub struct Programmer {
 pub const LEARNED_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 impl Programmer {
-    /// Runs until `cancel`.
-    pub async fn run(mut self, cancel: CancellationToken) {
+    /// Runs until `cancel`; a failed programming round is retried on the next
+    /// change (or within ten seconds).
+    async fn run(mut self, cancel: CancellationToken) -> Result<(), DatapathError> {
         let mut status = self.mesh.status();
         let mut changes = self.table.subscribe();
         loop {
@@ -120,9 +140,9 @@ impl Programmer {
                 warn!(error = %e, "programming the data path failed; retrying on the next change");
             }
             tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = status.changed() => if r.is_err() { return },
-                r = changes.changed() => if r.is_err() { return },
+                _ = cancel.cancelled() => return Ok(()),
+                r = status.changed() => if r.is_err() { return Ok(()) },
+                r = changes.changed() => if r.is_err() { return Ok(()) },
                 // Catch up even without changes (routes of the kernel may move),
                 // and right when the start-up grace ends.
                 _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
@@ -131,7 +151,7 @@ impl Programmer {
         }
     }
 
-    async fn apply(&mut self, status: &MeshStatus) -> Result<(), crate::datapath::DatapathError> {
+    async fn apply(&mut self, status: &MeshStatus) -> Result<(), DatapathError> {
         let me = self.mesh.name();
         let have_hosts = self.dp.peer_hosts().await?;
         let want = desired(me, status, &self.table.remote_entries(me), &have_hosts);

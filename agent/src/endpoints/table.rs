@@ -61,7 +61,7 @@ impl EndpointTable {
         }
         own.version += 1;
         own.endpoints = endpoints;
-        let delta = encode(&[own.clone()]);
+        let delta = encode(std::slice::from_ref(own));
         drop(state);
         self.bump();
         Some(delta)
