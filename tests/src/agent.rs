@@ -151,6 +151,11 @@ impl Agent {
         &self.ns
     }
 
+    /// The state directory it was launched with.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()

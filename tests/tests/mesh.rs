@@ -419,7 +419,8 @@ fn bad_launch_settings_fail_with_one_clear_line_and_leave_nothing_behind() {
     check(&["--iface", "nosuchif0"], "unknown underlay interface nosuchif0");
     host.ns.ip(&["route", "add", "10.40.0.0/16", "dev", "eth0"]);
     check(&["--iface", "eth0"], "overlaps the route to 10.40.0.0/16 on eth0");
-    check(&["--iface", "eth0", "--ipalloc-range", "10.100.0.0/16", "--mtu", "100"], "MTU 100 is too small");
+    check(&["--iface", "eth0", "--ipalloc-range", "10.100.0.0/16", "--mtu", "100"], "--mtu 100: the endpoint MTU must be between 576");
+    check(&["--iface", "eth0", "--ipalloc-range", "10.100.0.0/16", "--mtu", "100000"], "--mtu 100000");
     let out = weft_unprivileged(&host.ns, &["launch", "--iface", "eth0"]).output().expect("setpriv");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

@@ -1,0 +1,91 @@
+//! Launch is all or nothing: a second `weft launch` on a host whose agent runs
+//! is refused before it touches anything (the running data path keeps
+//! forwarding), a launch with a flag that cannot work exits 64 and leaves no
+//! pins and no links, and `weft reset --force` cleans a host whose agent is
+//! not running.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use weft_tests::agent::{Agent, weft_in};
+use weft_tests::{Netns, Underlay, root_or_skip, wait_until};
+
+/// Two hosts with agents and one container each (10.32.100.1 on host 0,
+/// 10.33.100.1 on host 1), pinging each other.
+struct Pair {
+    _underlay: Underlay,
+    hosts: Vec<weft_tests::Host>,
+    agents: Vec<Agent>,
+    containers: Vec<Netns>,
+}
+
+fn container_ip(h: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 32 + h as u8, 100, 1)
+}
+
+fn pair(label: &str) -> Pair {
+    let mut underlay = Underlay::new();
+    let hosts: Vec<weft_tests::Host> = (0..2).map(|i| underlay.host(&format!("{label}{i}"))).collect();
+    let first = hosts[0].ip;
+    let init = ["--ipalloc-init", "consensus=2"];
+    let agents: Vec<Agent> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| Agent::launch(h, if i == 0 { &[] } else { std::slice::from_ref(&first) }, &init))
+        .collect();
+    assert!(wait_until(Duration::from_secs(30), || agents.iter().all(|a| a.peers().len() == 2)), "the mesh forms");
+    let containers: Vec<Netns> = (0..2).map(|i| Netns::new(&format!("{label}c{i}"))).collect();
+    for (i, a) in agents.iter().enumerate() {
+        a.attach(&containers[i], &format!("{}/12", container_ip(i)));
+    }
+    assert!(containers[0].ping_within(container_ip(1), Duration::from_secs(10)), "the containers reach each other");
+    Pair { _underlay: underlay, hosts, agents, containers }
+}
+
+/// `weft ARGS...` in `ns`: (exit code, stderr).
+fn weft(ns: &Netns, args: &[&str]) -> (Option<i32>, String) {
+    let out = weft_in(ns, args);
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn a_second_launch_is_refused_and_the_data_path_keeps_forwarding() {
+    if !root_or_skip("second_launch") {
+        return;
+    }
+    let p = pair("sl");
+    let (host, agent) = (&p.hosts[0], &p.agents[0]);
+    // A steady ping across all the attempts: none may be lost.
+    let ping = p.containers[0]
+        .cmd("ping")
+        .args(["-c", "100", "-i", "0.02", "-q", &container_ip(1).to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping");
+    let running = format!("weft is already running on this host (pid {}, API 127.0.0.1:6784)", agent.pid());
+    let iface = host.iface.as_str();
+    let state = agent.state_dir().display().to_string();
+    let other_state = std::env::temp_dir().join(weft_tests::unique("sl-state"));
+    let other = other_state.display().to_string();
+    // The same state directory (the usual case: `weft launch` twice).
+    let (code, err) = weft(&host.ns, &["launch", "--state-dir", &state, "--iface", iface, "--pin-name", &host.name, "--no-docker"]);
+    assert_eq!(code, Some(69), "{err}");
+    assert!(err.contains(&running), "{err}");
+    // Another state directory, the same data path (pin directory).
+    let (code, err) = weft(&host.ns, &["launch", "--state-dir", &other, "--iface", iface, "--pin-name", &host.name, "--no-docker"]);
+    assert_eq!(code, Some(69), "{err}");
+    assert!(err.contains(&running), "{err}");
+    // Nothing shared but the host's ports: refused on the API's port, before
+    // any pin of its own exists.
+    let fresh_pins = format!("{}-2", host.name);
+    let (code, err) = weft(&host.ns, &["launch", "--state-dir", &other, "--iface", iface, "--pin-name", &fresh_pins, "--no-docker"]);
+    assert_eq!(code, Some(69), "{err}");
+    assert!(err.contains("cannot serve the API on 127.0.0.1:6784"), "{err}");
+    assert!(!host.pin_dir().with_file_name(&fresh_pins).exists(), "the refused launch pinned nothing");
+    let out = String::from_utf8_lossy(&ping.wait_with_output().expect("ping").stdout).into_owned();
+    assert!(out.contains("100 received"), "no packet lost while the second launches were refused:\n{out}");
+    assert!(host.pin_dir().exists(), "the running agent's pins are untouched");
+    assert!(agent.try_cli(&["status"]).status.success(), "the running agent still answers");
+    assert!(p.containers[1].ping(container_ip(0)));
+    let _ = std::fs::remove_dir_all(other_state);
+}
