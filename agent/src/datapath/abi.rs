@@ -69,7 +69,7 @@ pub struct Peer {
     pub flags: u32,
 }
 
-/// `struct weft_config` (CONFIG[0]).
+/// `struct weft_config` (`CONFIG[0]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {

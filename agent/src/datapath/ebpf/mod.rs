@@ -2,7 +2,7 @@
 //! on the external-mode VXLAN device and, in direct mode, on the underlay device.
 //!
 //! Everything the kernel needs lives in bpffs under `/sys/fs/bpf/weft/<host>/`
-//! ([`pins`] has the layout). So traffic keeps flowing with no agent running,
+//! (`pins.rs` has the layout). So traffic keeps flowing with no agent running,
 //! and a starting agent adopts what is pinned: programs whose object hash
 //! matches are reused, links of an older build are switched to the new programs
 //! atomically (`bpf_link_update`), links of vanished devices are dropped. The

@@ -18,6 +18,9 @@ pub const MIN_MTU: u32 = 576;
 /// VXLAN). The bound when netlink does not report the underlay's own.
 pub const ETH_MAX_MTU: u32 = 65535;
 
+/// The longest pin directory name: a file name (NAME_MAX is 255), with room to spare.
+const MAX_HOST_LEN: usize = 200;
+
 /// The largest VXLAN network identifier: the header has 24 bits for it.
 pub const MAX_VNI: u32 = 0xff_ffff;
 
@@ -95,7 +98,7 @@ impl EbpfOptions {
             reason,
         };
         let host = &self.host;
-        if host.is_empty() || host.len() > 200 || host == "." || host == ".." || host.contains(['/', '\0']) {
+        if host.is_empty() || host.len() > MAX_HOST_LEN || host == "." || host == ".." || host.contains(['/', '\0']) {
             return Err(invalid(
                 "pin directory name",
                 host,

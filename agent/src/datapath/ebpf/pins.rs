@@ -228,9 +228,20 @@ impl PinDir {
 mod tests {
     use super::*;
 
+    /// A scratch pin root (a plain directory: the layout needs no bpffs),
+    /// removed on Drop, also when the test fails.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn link_pins_are_found_by_their_layout() {
-        let root = std::env::temp_dir().join(format!("weft-pins-{}", std::process::id()));
+        let scratch = Scratch(std::env::temp_dir().join(format!("weft-pins-{}", std::process::id())));
+        let root = &scratch.0;
         let pins = PinDir::new(root.join("host"));
         assert!(!pins.exists());
         assert_eq!(pins.create().unwrap(), Made { root: true });

@@ -7,8 +7,10 @@
 //! VXLAN device if it created it (or its MTU and state, if it changed an
 //! existing one) — and the kernel is left as it was found. A start that finds
 //! the pin directory *adopts* it (a running or a stopped-but-still-forwarding
-//! agent's data path, whose traffic must not stop): whatever happens, it never
-//! removes those pins or devices.
+//! agent's data path, whose traffic must not stop): if it fails, it leaves
+//! everything as it is — the pins, the devices, and what it added itself, which
+//! the next start adopts in turn. A directory whose pins had another ABI was
+//! found too: its replacement is not removed either.
 //!
 //! The same rule covers a later launch step failing after a successful start:
 //! [`EbpfDatapath::abandon`] removes what a fresh start made (and the endpoints
@@ -39,8 +41,9 @@ use crate::datapath::DatapathError;
 enum VxlanBefore {
     /// There was none: the start created it.
     Absent,
-    /// There was one (weft's, from a data path whose pins were removed by
-    /// hand): the start may have changed its MTU and brought it up.
+    /// There was one. A foreign device makes the start fail untouched; weft's
+    /// own (left by a data path whose pins were removed by hand) may get a new
+    /// MTU and be brought up, which an undo reverts.
     Present { index: u32, mtu: u32, up: bool },
 }
 
