@@ -1,7 +1,7 @@
 //! Rust mirrors of `ebpf/lib/abi.h` and `ebpf/lib/drop_reasons.h`: the only
 //! structures shared with the kernel programs. Sizes are asserted here and in C, so
 //! a field added on one side only fails the build.
-#![allow(unsafe_code, reason = "aya::Pod impls for the #[repr(C)] ABI structs")]
+#![expect(unsafe_code, reason = "aya::Pod impls for the #[repr(C)] ABI structs")]
 
 use std::net::Ipv4Addr;
 
@@ -69,7 +69,7 @@ pub struct Peer {
     pub flags: u32,
 }
 
-/// `struct weft_config` (CONFIG[0]).
+/// `struct weft_config` (`CONFIG[0]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {

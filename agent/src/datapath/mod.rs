@@ -12,8 +12,11 @@
 
 pub mod abi;
 pub mod ebpf;
+mod error;
 pub mod netlink;
 pub mod netns;
+
+pub use error::{BoxError, DatapathError, EndpointReason, ErrorKind, errno};
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -120,38 +123,6 @@ impl Stats {
     pub fn dropped(&self, reason: &str) -> u64 {
         self.drops.get(reason).map_or(0, |c| c.packets)
     }
-}
-
-/// Why a data path operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DatapathError {
-    #[error(transparent)]
-    Netlink(#[from] netlink::NetlinkError),
-    #[error(transparent)]
-    Netns(#[from] netns::NetnsError),
-    #[error("eBPF: {op}: {detail}")]
-    Bpf { op: String, detail: String },
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("unknown underlay interface {name}: no such network interface here; pass --iface with one of: {available}")]
-    UnknownUnderlay { name: String, available: String },
-    #[error("underlay interface {name} has no IPv4 address; give it one or pass --iface")]
-    NoUnderlayAddress { name: String },
-    #[error("cannot tell which interface is the underlay (no default route); pass --iface")]
-    NoUnderlay,
-    #[error("MTU {mtu} is too small for IPv4 (at least 576)")]
-    MtuTooSmall { mtu: u32 },
-    #[error("endpoint {id}: {reason}")]
-    Endpoint { id: String, reason: String },
-    #[error("address {addr} is already used by local endpoint on interface {ifindex}")]
-    AddressInUse { addr: Ipv4Addr, ifindex: u32 },
-    #[error("permission denied: {what} needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_BPF); run weft as root")]
-    NotPermitted { what: String },
 }
 
 /// The operations every backend provides.

@@ -34,6 +34,17 @@ pub enum NetlinkError {
 
 type Result<T> = std::result::Result<T, NetlinkError>;
 
+/// Whether Linux takes `name` as an interface name (the kernel's
+/// `dev_valid_name`): 1 to 15 bytes (IFNAMSIZ less the NUL), not `.` or `..`,
+/// no `/`, `:`, whitespace or NUL.
+pub fn is_valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name.bytes().any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
+}
+
 fn req(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
     let op = op.into();
     move |source| NetlinkError::Request { op, source }
@@ -45,6 +56,8 @@ pub struct Link {
     pub index: u32,
     pub name: String,
     pub mtu: u32,
+    /// The largest MTU the device takes (`IFLA_MAX_MTU`), when the kernel says.
+    pub max_mtu: Option<u32>,
     pub mac: Option<[u8; 6]>,
     pub kind: Option<InfoKind>,
     pub alias: Option<String>,
@@ -59,6 +72,7 @@ impl Link {
             index: msg.header.index,
             name: String::new(),
             mtu: 0,
+            max_mtu: None,
             mac: None,
             kind: None,
             alias: None,
@@ -69,9 +83,9 @@ impl Link {
             match attr {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
                 LinkAttribute::Mtu(m) => link.mtu = *m,
-                LinkAttribute::Address(a) if a.len() == 6 => {
-                    link.mac = Some(a.as_slice().try_into().expect("length checked"))
-                }
+                // 0 means "no limit known" (devices that do not set max_mtu).
+                LinkAttribute::MaxMtu(m) if *m > 0 => link.max_mtu = Some(*m),
+                LinkAttribute::Address(a) => link.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
                 LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
