@@ -24,7 +24,7 @@ use crate::attach::{Attacher, ContainerRuntime, Spec};
 use crate::config::LaunchConfig;
 use crate::datapath::ebpf::EbpfDatapath;
 use crate::datapath::netlink::Netlink;
-use crate::datapath::{Datapath, DatapathError};
+use crate::datapath::{Datapath, DatapathError, ErrorKind as DatapathErrorKind};
 use crate::dns::DnsError;
 use crate::lock::{HostLock, LockError};
 use crate::mesh::{self, MeshBuilder, PeerName};
@@ -87,7 +87,7 @@ impl AppError {
     pub fn exit_code(&self) -> u8 {
         use crate::ipam::IpamError;
         match self {
-            AppError::NotRoot | AppError::Datapath(DatapathError::NotPermitted { .. }) => exit::NO_PERMISSION,
+            AppError::NotRoot => exit::NO_PERMISSION,
             AppError::Lock(LockError::Held { .. })
             | AppError::Mesh(_)
             | AppError::Dns(DnsError::Listen { .. })
@@ -98,13 +98,11 @@ impl AppError {
             AppError::RangeOverlap { .. }
             | AppError::Ipam(IpamError::RangeChanged { .. } | IpamError::SubnetOutside { .. })
             | AppError::Dns(DnsError::Domain { .. }) => exit::USAGE,
-            AppError::Datapath(
-                DatapathError::UnknownUnderlay { .. }
-                | DatapathError::NoUnderlayAddress { .. }
-                | DatapathError::NoUnderlay
-                | DatapathError::MtuTooSmall { .. },
-            ) => exit::USAGE,
-            AppError::Datapath(_) => exit::OS,
+            AppError::Datapath(e) => match e.kind() {
+                DatapathErrorKind::BadSettings | DatapathErrorKind::InvalidRequest => exit::USAGE,
+                DatapathErrorKind::NotPermitted => exit::NO_PERMISSION,
+                DatapathErrorKind::LimitReached | DatapathErrorKind::System => exit::OS,
+            },
             AppError::Ipam(_) | AppError::Dns(_) => exit::SOFTWARE,
         }
     }
@@ -187,7 +185,7 @@ fn claim_host(config: &LaunchConfig) -> Result<(HostLock, Arc<StateStore>, PeerN
     let store = Arc::new(StateStore::open(&config.state_dir)?);
     let name = peer_name(config, &store)?;
     let opts = config.datapath_options(name);
-    let lock = lock.and_pins(&opts.pin_root.join(&opts.host), Some(config.api))?;
+    let lock = lock.and_pins(&opts.pin_dir(), Some(config.api))?;
     Ok((lock, store, name))
 }
 
@@ -255,8 +253,13 @@ async fn start(
     let (discovery_tx, discovery_rx) = watch::channel(None);
     let ipam = ipam_shim::spawn(config.ipam_config(name), store.clone(), &mut builder, discovery_rx)?;
     let dns = crate::dns::spawn(config.dns.clone(), store.clone(), &mut builder)?;
+    let dns_handle = dns.handle();
+    for b in dns_bound {
+        dns_handle.serve(b)?;
+    }
 
-    // The data path: from here on nothing fails.
+    // The data path: from here on nothing fails (so nothing has to be undone;
+    // a start that fails half-way undoes itself on a fresh host).
     let ebpf = EbpfDatapath::start(config.datapath_options(name)).await?;
     let underlay = ebpf.underlay().name.clone();
     let dp: Arc<dyn Datapath> = Arc::new(ebpf);
@@ -271,10 +274,6 @@ async fn start(
         let source = crate::discovery::source(d.kind, &d.settings).ok().flatten()?;
         Some(crate::discovery::spawn(source, mesh_handle.clone(), d.given.clone(), discovery_tx, d.interval))
     });
-    let dns_handle = dns.handle();
-    for b in dns_bound {
-        dns_handle.serve(b)?;
-    }
     let dns_for_attach = dns_handle.serving().then(|| dns_handle.clone());
     let attacher = Attacher::new(dp.clone(), ipam.handle(), table.clone(), mesh_handle.clone(), dns_for_attach.clone(), config.ipam.range);
     // This host's overlay address: where containers find weft's DNS.
@@ -384,6 +383,41 @@ fn report<E: std::error::Error + 'static>(what: &str, result: Result<(), TaskErr
     if let Err(e) = result {
         warn!(task = what, error = %e, "did not stop cleanly");
     }
+}
+
+/// `weft reset --force` when no agent answers: takes the host's locks (so no
+/// agent runs, or one would hold them), removes this host's data path and the
+/// state directory. Says what it removed.
+pub async fn reset_offline(args: &crate::cli::ResetArgs) -> Result<String, AppError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(AppError::NotRoot);
+    }
+    let lock = HostLock::state_dir(&args.state_dir, None)?;
+    // A state file that cannot be read is no reason to keep the data path.
+    let saved = StateStore::open(&args.state_dir).ok().and_then(|s| s.load().ok()).and_then(|s| s.peer_name);
+    let pin_name = args.pin_name.clone().or_else(|| saved.map(|n| n.to_string().replace(':', "")));
+    let mut out = String::new();
+    let lock = match pin_name {
+        Some(pin_name) => {
+            let mut opts = crate::datapath::ebpf::EbpfOptions::new(pin_name);
+            opts.pin_root = args.pin_root.clone();
+            let lock = lock.and_pins(&opts.pin_dir(), None)?;
+            let report = crate::datapath::ebpf::reset_host(&opts).await?;
+            out.push_str(&format!("{report}\n"));
+            lock
+        }
+        None => {
+            out.push_str("no peer name in the state directory and no --pin-name: the data path is left as it is\n");
+            lock
+        }
+    };
+    match std::fs::remove_dir_all(&args.state_dir) {
+        Ok(()) => out.push_str(&format!("removed the state directory {}\n", args.state_dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(StateError::Io { path: args.state_dir.clone(), source }.into()),
+    }
+    drop(lock);
+    Ok(out)
 }
 
 /// The endpoint id of the host's own overlay interface.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 
-use crate::datapath::{AttachedEndpoint, Datapath, DatapathError, LocalEndpoint};
+use crate::datapath::{AttachedEndpoint, Datapath, DatapathError, ErrorKind as DatapathErrorKind, LocalEndpoint};
 use crate::dns::DnsHandle;
 use crate::endpoints::{self, EndpointTable};
 use crate::ipam::core::AllocError;
@@ -125,8 +125,11 @@ impl AttachError {
             AttachError::Wants(_) => ErrorKind::Invalid,
             AttachError::Ipam(e) if ipam_retryable(e) => ErrorKind::Unavailable,
             AttachError::Ipam(_) => ErrorKind::Invalid,
-            AttachError::Datapath(e) if datapath_invalid(e) => ErrorKind::Invalid,
-            AttachError::Datapath(_) => ErrorKind::Internal,
+            AttachError::Datapath(e) => match e.kind() {
+                DatapathErrorKind::InvalidRequest | DatapathErrorKind::BadSettings => ErrorKind::Invalid,
+                DatapathErrorKind::LimitReached => ErrorKind::Unavailable,
+                DatapathErrorKind::NotPermitted | DatapathErrorKind::System => ErrorKind::Internal,
+            },
             AttachError::Runtime(RuntimeError::Unreachable { .. }) | AttachError::Stopping => ErrorKind::Unavailable,
             AttachError::Runtime(_) => ErrorKind::Invalid,
         }
@@ -147,11 +150,6 @@ fn ipam_retryable(e: &IpamError) -> bool {
             | IpamError::Timeout(..)
             | IpamError::Alloc(AllocError::Exhausted(_) | AllocError::OwnerUnreachable { .. } | AllocError::NoRing)
     )
-}
-
-/// The caller's own mistakes.
-fn datapath_invalid(e: &DatapathError) -> bool {
-    matches!(e, DatapathError::Endpoint { .. } | DatapathError::AddressInUse { .. })
 }
 
 /// A container runtime as attach sees it (Docker; `app` wires it). The API

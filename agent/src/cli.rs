@@ -69,7 +69,7 @@ pub enum Command {
     },
     /// Leave the network for good: hand this peer's addresses to another peer,
     /// remove the data path and the state, and stop.
-    Reset,
+    Reset(ResetArgs),
     /// Detach a container from the overlay (its addresses are released).
     Detach {
         /// A Docker container's name or id, or the id given at `attach --netns`.
@@ -270,6 +270,30 @@ pub struct LaunchArgs {
     /// Log filter (tracing syntax), e.g. info,weft=debug.
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// `weft reset`.
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    /// When no agent answers: remove this host's data path (endpoint
+    /// interfaces, the VXLAN device, pinned programs and maps) and the state
+    /// directory directly. Its addresses are not handed over: `weft rmpeer` it
+    /// from another peer.
+    #[arg(long)]
+    pub force: bool,
+
+    /// The agent's state directory (as given to `weft launch`).
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
+    pub state_dir: PathBuf,
+
+    /// The bpffs directory of the pins (as given to `weft launch`).
+    #[arg(long, default_value = crate::datapath::ebpf::DEFAULT_PIN_ROOT)]
+    pub pin_root: PathBuf,
+
+    /// The pin directory's name (as given to `weft launch`); default: the peer
+    /// name in the state directory.
+    #[arg(long)]
+    pub pin_name: Option<String>,
 }
 
 /// `weft attach`.

@@ -125,7 +125,12 @@ async fn run_client(api: std::net::SocketAddr, command: Command) -> Result<Strin
         Command::Rmpeer { peer } => {
             client::request(api, Method::DELETE, &format!("/peer/{}", url_segment(&peer)), None).await
         }
-        Command::Reset => client::request(api, Method::POST, "/reset", None).await,
+        Command::Reset(args) => match client::request(api, Method::POST, "/reset", None).await {
+            Err(e) if e.is_not_running() && args.force => {
+                weft::app::reset_offline(&args).await.map_err(|e| ClientError::Local(Box::new(e)))
+            }
+            other => other,
+        },
         Command::DnsAdd(a) => dns_change(api, a, true).await,
         Command::DnsRemove(a) => dns_change(api, a, false).await,
         Command::DnsLookup { name } => {
@@ -159,11 +164,11 @@ fn url_segment(s: &str) -> String {
 async fn dns_change(api: std::net::SocketAddr, a: weft::cli::DnsArgs, add: bool) -> Result<String, ClientError> {
     let (ips, rest): (Vec<&String>, Vec<&String>) = a.args.iter().partition(|x| x.parse::<std::net::Ipv4Addr>().is_ok());
     if rest.len() > 1 {
-        return Err(ClientError::Refused(format!("too many arguments: {rest:?}; give IP... [CONTAINER] [-h NAME]")));
+        return Err(ClientError::Usage(format!("too many arguments: {rest:?}; give IP... [CONTAINER] [-h NAME]")));
     }
     let container = rest.first().map(|s| s.as_str()).unwrap_or("weave:extern");
     if rest.is_empty() && a.hostname.is_none() {
-        return Err(ClientError::Refused("give a container or -h NAME".into()));
+        return Err(ClientError::Usage("give a container or -h NAME".into()));
     }
     let mut ips: Vec<String> = ips.into_iter().cloned().collect();
     if ips.is_empty() && add {

@@ -89,3 +89,42 @@ fn a_second_launch_is_refused_and_the_data_path_keeps_forwarding() {
     assert!(p.containers[1].ping(container_ip(0)));
     let _ = std::fs::remove_dir_all(other_state);
 }
+
+#[test]
+fn reset_force_cleans_a_host_whose_agent_is_stopped_and_never_a_running_one() {
+    if !root_or_skip("reset_force") {
+        return;
+    }
+    let mut p = pair("rf");
+    let pin_root = weft::datapath::ebpf::DEFAULT_PIN_ROOT;
+    // A running agent whose API is not the one asked: the locks refuse.
+    let (host1, agent1) = (&p.hosts[1], &p.agents[1]);
+    let state1 = agent1.state_dir().display().to_string();
+    let (code, err) = weft(
+        &host1.ns,
+        &["--api", "127.0.0.1:1", "reset", "--force", "--state-dir", &state1, "--pin-root", pin_root, "--pin-name", &host1.name],
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains(&format!("weft is already running on this host (pid {}", agent1.pid())), "{err}");
+    assert!(host1.pin_dir().exists() && agent1.state_dir().exists(), "a running agent's data path and state stay");
+
+    // Stopped on purpose: its data path keeps forwarding until reset --force.
+    p.agents[0].stop();
+    let host0 = &p.hosts[0];
+    assert!(p.containers[0].ping(container_ip(1)), "forwarding with the agent stopped");
+    let state0 = p.agents[0].state_dir().display().to_string();
+    let out = weft_in(&host0.ns, &["reset", "--force", "--state-dir", &state0, "--pin-root", pin_root, "--pin-name", &host0.name]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("removed the state directory"), "{stdout}");
+    assert!(!host0.pin_dir().exists(), "pins removed:\n{stdout}");
+    assert!(!p.agents[0].state_dir().exists(), "state removed");
+    assert!(!host0.ns.succeeds("ip", &["link", "show", "weft-vxlan"]), "VXLAN device removed");
+    let links = host0.ns.ip(&["-d", "-o", "link", "show"]);
+    assert!(!links.contains("alias weft:"), "no endpoint interface left:\n{links}");
+    assert!(!p.containers[0].ping(container_ip(1)), "the host is off the overlay");
+    assert!(host1.pin_dir().exists(), "the other host's data path is untouched");
+    // Idempotent: nothing left to remove is not an error.
+    let again = weft_in(&host0.ns, &["reset", "--force", "--state-dir", &state0, "--pin-root", pin_root, "--pin-name", &host0.name]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+}

@@ -17,9 +17,25 @@ pub enum ClientError {
         source: std::io::Error,
     },
     #[error("talking to the weft agent: {0}")]
-    Http(String),
+    Http(#[source] hyper::Error),
+    #[error("bad request to the weft agent: {0}")]
+    Request(#[source] hyper::http::Error),
+    /// The agent answered with an error; its message says why.
+    #[error("{message}")]
+    Refused { status: u16, message: String },
+    /// The CLI itself refused the arguments (nothing was sent).
     #[error("{0}")]
-    Refused(String),
+    Usage(String),
+    /// A command that ran on this host without the agent failed.
+    #[error(transparent)]
+    Local(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ClientError {
+    /// Whether no agent answered at all (`weft reset --force` then works alone).
+    pub fn is_not_running(&self) -> bool {
+        matches!(self, ClientError::Connect { .. })
+    }
 }
 
 /// Sends a request and returns the body of a successful answer; an error answer
@@ -34,7 +50,7 @@ pub async fn request(
         tokio::net::TcpStream::connect(api).await.map_err(|source| ClientError::Connect { addr: api, source })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| ClientError::Http(e.to_string()))?;
+        .map_err(ClientError::Http)?;
     tokio::spawn(conn);
     let mut req = Request::builder().method(method).uri(path).header("host", api.to_string());
     let payload = match body {
@@ -44,15 +60,15 @@ pub async fn request(
         }
         None => Bytes::new(),
     };
-    let req = req.body(Full::new(payload)).map_err(|e| ClientError::Http(e.to_string()))?;
-    let resp = sender.send_request(req).await.map_err(|e| ClientError::Http(e.to_string()))?;
+    let req = req.body(Full::new(payload)).map_err(ClientError::Request)?;
+    let resp = sender.send_request(req).await.map_err(ClientError::Http)?;
     let status = resp.status();
-    let bytes = resp.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?.to_bytes();
+    let bytes = resp.into_body().collect().await.map_err(ClientError::Http)?.to_bytes();
     let text = String::from_utf8_lossy(&bytes).into_owned();
     if status == StatusCode::OK {
         Ok(text)
     } else {
-        Err(ClientError::Refused(text.trim().to_string()))
+        Err(ClientError::Refused { status: status.as_u16(), message: text.trim().to_string() })
     }
 }
 
