@@ -11,6 +11,7 @@ pub mod conn;
 pub mod node;
 pub mod peer;
 pub mod sim;
+pub mod targets;
 pub mod timed;
 pub mod topology;
 pub mod wire;
