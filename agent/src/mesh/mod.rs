@@ -7,6 +7,7 @@
 //! resolves duplicate connections, enforces the connection limit, and publishes
 //! a [`MeshStatus`] on a watch channel.
 
+pub mod close;
 pub mod conn;
 pub mod node;
 pub mod peer;
