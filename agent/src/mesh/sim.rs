@@ -9,6 +9,9 @@
 //! a connection tells the other, later. Messages travel over one connection: a
 //! message that reaches an end still in its handshake waits for it, and one
 //! that reaches a closed end is lost, as over TCP.
+//!
+//! Owns the simulated network; the nodes and the rules are the agent's own,
+//! never re-implemented here.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;

@@ -13,6 +13,9 @@
 //!
 //! The first frame each way is a [`Hello`]. Every decoder here returns an error
 //! for any input it does not understand; none panics.
+//!
+//! Owns the byte format and the handshake. Must not touch the mesh's state or
+//! decide what a failure means for the connection (see `close`).
 
 use std::io;
 use std::net::Ipv4Addr;
