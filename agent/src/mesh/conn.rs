@@ -1,14 +1,24 @@
-//! One control connection: dial or accept, handshake, then a reader and a writer
-//! task that talk to the mesh actor through events. Heartbeats go out every
-//! interval; a connection silent for the timeout is closed.
+//! One control connection: dial (resolving a name first) or accept,
+//! handshake, then a reader and a writer task that talk to the mesh actor
+//! through events. Heartbeats go out every interval; a connection silent for
+//! the timeout is closed.
+//!
+//! Owns the connection's tasks, each in a `conn` span (connection id, remote
+//! address, and the peer once its hello arrives), all stopped by the
+//! connection's token, a child of the mesh's. Must not touch the mesh's state:
+//! what to do with a connection is the actor's call.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span, debug, field, info_span};
 
+use super::close::ConnError;
+use super::targets::ConnId;
 use super::wire::{self, Frame, FrameReader, FrameWriter, Hello, WireError};
 
 /// How long a dial may take.
@@ -21,17 +31,19 @@ pub const SEND_QUEUE: usize = 4096;
 /// What the connection tasks tell the mesh actor.
 #[derive(Debug)]
 pub enum ConnEvent {
-    /// Handshake finished (or failed). `target` is the address dialed, if we dialed.
+    /// Handshake finished (or failed). `target` is the address dialed, if we
+    /// dialed; `span` is the connection's (for the actor's logs about it).
     Handshaken {
-        id: u64,
+        id: ConnId,
         target: Option<String>,
         addr: SocketAddr,
-        result: Result<Box<Established>, WireError>,
+        span: Span,
+        result: Result<Box<Established>, ConnError>,
     },
     /// A frame arrived.
-    Frame { id: u64, frame: Frame },
+    Frame { id: ConnId, frame: Frame },
     /// The connection ended.
-    Closed { id: u64, reason: String },
+    Closed { id: ConnId, error: ConnError },
 }
 
 /// A connection whose handshake succeeded.
@@ -57,40 +69,115 @@ pub struct ConnSettings {
     pub heartbeat_timeout: Duration,
 }
 
-/// Dials `target` (resolved to `addr`) and runs the handshake.
-pub fn dial(id: u64, target: String, addr: SocketAddr, settings: ConnSettings, events: mpsc::Sender<ConnEvent>) {
-    tokio::spawn(async move {
-        let result = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => start(id, stream, true, settings, events.clone()).await,
-            Ok(Err(e)) => Err(WireError::Io(e)),
-            Err(_) => Err(WireError::Timeout("connecting")),
-        };
-        announce(id, Some(target), addr, result, events).await;
-    });
+/// The address a connection that never got one is reported with.
+const NO_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+fn conn_span(id: ConnId) -> Span {
+    info_span!("conn", id, remote = field::Empty, peer = field::Empty)
 }
 
-/// Runs the handshake on an accepted connection.
-pub fn accept(id: u64, stream: TcpStream, addr: SocketAddr, settings: ConnSettings, events: mpsc::Sender<ConnEvent>) {
-    tokio::spawn(async move {
-        let result = start(id, stream, false, settings, events.clone()).await;
-        announce(id, None, addr, result, events).await;
-    });
+/// Runs `task` in `span` until it ends or `cancel` fires.
+fn spawn_until(cancel: CancellationToken, span: Span, task: impl Future<Output = ()> + Send + 'static) {
+    tokio::spawn(
+        async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                () = task => {}
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// Dials `target` (at `addr`, or resolved first when `None`) and runs the
+/// handshake; `stop` (the mesh's token) ends it at any stage.
+pub fn dial(
+    id: ConnId,
+    target: String,
+    addr: Option<SocketAddr>,
+    settings: ConnSettings,
+    events: mpsc::Sender<ConnEvent>,
+    stop: &CancellationToken,
+) {
+    let span = conn_span(id);
+    let cancel = stop.child_token();
+    let task = {
+        let (span, cancel) = (span.clone(), cancel.clone());
+        async move {
+            let resolved = match addr {
+                Some(addr) => Ok(addr),
+                None => resolve(&target).await,
+            };
+            let (addr, result) = match resolved {
+                Ok(addr) => {
+                    span.record("remote", field::display(addr));
+                    let result = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
+                        Ok(Ok(stream)) => start(id, stream, true, settings, events.clone(), cancel).await,
+                        Ok(Err(e)) => Err(WireError::Io(e).into()),
+                        Err(_) => Err(WireError::Timeout("connecting").into()),
+                    };
+                    (addr, result)
+                }
+                Err(e) => (NO_ADDR, Err(e)),
+            };
+            announce(id, Some(target), addr, span, result, events).await;
+        }
+    };
+    spawn_until(cancel, span, task);
+}
+
+/// The first IPv4 address of `target` (`host:port`).
+async fn resolve(target: &str) -> Result<SocketAddr, ConnError> {
+    match tokio::net::lookup_host(target).await {
+        Ok(mut addrs) => addrs.find(SocketAddr::is_ipv4).ok_or_else(|| ConnError::Resolve { target: target.into(), source: None }),
+        Err(source) => Err(ConnError::Resolve { target: target.into(), source: Some(source) }),
+    }
+}
+
+/// Runs the handshake on an accepted connection; `stop` as for [`dial`].
+pub fn accept(
+    id: ConnId,
+    stream: TcpStream,
+    addr: SocketAddr,
+    settings: ConnSettings,
+    events: mpsc::Sender<ConnEvent>,
+    stop: &CancellationToken,
+) {
+    let span = conn_span(id);
+    span.record("remote", field::display(addr));
+    let cancel = stop.child_token();
+    let task = {
+        let (span, cancel) = (span.clone(), cancel.clone());
+        async move {
+            let result = start(id, stream, false, settings, events.clone(), cancel).await;
+            announce(id, None, addr, span, result, events).await;
+        }
+    };
+    spawn_until(cancel, span, task);
 }
 
 /// Tells the agent how the handshake went, and only then starts reading frames:
 /// the agent drops frames of connections it does not know yet, and the peer
 /// sends its first ones (topology, channel states) right after its handshake.
-async fn announce(id: u64, target: Option<String>, addr: SocketAddr, result: Result<Started, WireError>, events: mpsc::Sender<ConnEvent>) {
+async fn announce(
+    id: ConnId,
+    target: Option<String>,
+    addr: SocketAddr,
+    span: Span,
+    result: Result<Started, ConnError>,
+    events: mpsc::Sender<ConnEvent>,
+) {
     match result {
         Ok(Started { established, reader, timeout }) => {
             let cancel = established.cancel.clone();
-            let told = events.send(ConnEvent::Handshaken { id, target, addr, result: Ok(established) }).await;
+            let reading = span.clone();
+            let told = events.send(ConnEvent::Handshaken { id, target, addr, span, result: Ok(established) }).await;
             if told.is_ok() {
-                tokio::spawn(read_loop(id, reader, timeout, events, cancel));
+                tokio::spawn(read_loop(id, reader, timeout, events, cancel).instrument(reading));
             }
         }
         Err(e) => {
-            let _ = events.send(ConnEvent::Handshaken { id, target, addr, result: Err(e) }).await;
+            let _ = events.send(ConnEvent::Handshaken { id, target, addr, span, result: Err(e) }).await;
         }
     }
 }
@@ -103,12 +190,13 @@ struct Started {
 }
 
 async fn start(
-    id: u64,
+    id: ConnId,
     mut stream: TcpStream,
     outbound: bool,
     settings: ConnSettings,
     events: mpsc::Sender<ConnEvent>,
-) -> Result<Started, WireError> {
+    cancel: CancellationToken,
+) -> Result<Started, ConnError> {
     let _ = stream.set_nodelay(true);
     let handshake = async {
         let (_version, cipher) = wire::handshake(&mut stream, settings.password.as_deref(), outbound).await?;
@@ -124,22 +212,23 @@ async fn start(
     let (hello, encrypted, reader, writer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| WireError::Timeout("handshake"))??;
+    Span::current().record("peer", field::display(hello.name));
+    debug!(nickname = %hello.nickname, encrypted, "handshake complete");
     let (tx, rx) = mpsc::channel(SEND_QUEUE);
-    let cancel = CancellationToken::new();
     let (drained_tx, drained) = tokio::sync::oneshot::channel();
-    tokio::spawn(write_loop(id, writer, rx, settings.heartbeat, events, cancel.clone(), drained_tx));
+    tokio::spawn(write_loop(id, writer, rx, settings.heartbeat, events, cancel.clone(), drained_tx).instrument(Span::current()));
     let established = Box::new(Established { hello, encrypted, outbound, tx, cancel, drained });
     Ok(Started { established, reader, timeout: settings.heartbeat_timeout })
 }
 
 async fn read_loop(
-    id: u64,
+    id: ConnId,
     mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
     timeout: Duration,
     events: mpsc::Sender<ConnEvent>,
     cancel: CancellationToken,
 ) {
-    let reason = loop {
+    let error = loop {
         let frame = tokio::select! {
             _ = cancel.cancelled() => return,
             r = tokio::time::timeout(timeout, reader.read()) => r,
@@ -151,17 +240,17 @@ async fn read_loop(
                     return;
                 }
             }
-            Ok(Err(WireError::Closed)) => break "closed by the peer".to_string(),
-            Ok(Err(e)) => break e.to_string(),
-            Err(_) => break format!("no heartbeat for {timeout:?}"),
+            Ok(Err(WireError::Closed)) => break ConnError::ClosedByPeer,
+            Ok(Err(e)) => break ConnError::Wire(e),
+            Err(_) => break ConnError::NoHeartbeat(timeout),
         }
     };
     cancel.cancel();
-    let _ = events.send(ConnEvent::Closed { id, reason }).await;
+    let _ = events.send(ConnEvent::Closed { id, error }).await;
 }
 
 async fn write_loop(
-    id: u64,
+    id: ConnId,
     mut writer: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
     mut rx: mpsc::Receiver<Frame>,
     heartbeat: Duration,
@@ -170,7 +259,7 @@ async fn write_loop(
     drained: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut ticker = tokio::time::interval(heartbeat);
-    let reason = loop {
+    let error = loop {
         let frame = tokio::select! {
             _ = cancel.cancelled() => return,
             _ = ticker.tick() => Frame::Heartbeat,
@@ -184,9 +273,9 @@ async fn write_loop(
             },
         };
         if let Err(e) = writer.write(&frame).await {
-            break e.to_string();
+            break ConnError::Wire(e);
         }
     };
     cancel.cancel();
-    let _ = events.send(ConnEvent::Closed { id, reason }).await;
+    let _ = events.send(ConnEvent::Closed { id, error }).await;
 }

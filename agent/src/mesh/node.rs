@@ -10,6 +10,10 @@
 //! topology version digests (answered with what the other side lacks) and each
 //! channel's full state. Unicast messages follow shortest paths; broadcasts follow
 //! the origin's breadth-first tree.
+//!
+//! Owns this peer's entry, the topology, the channels and what gossip means.
+//! Must not touch sockets, clocks or which connections to keep: the actor
+//! tells it when a connection is up or down.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};

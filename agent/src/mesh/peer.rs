@@ -1,5 +1,8 @@
 //! Peer identity: a stable 48-bit name shown like a MAC address (as Weave did), a
 //! short id for display, and a nickname (the hostname).
+//!
+//! Owns how names are made, shown and parsed. Must not touch I/O: the machine
+//! id is read by the caller.
 
 use std::fmt;
 use std::str::FromStr;
@@ -63,7 +66,8 @@ impl PeerName {
 fn blake2_64(bytes: &[u8]) -> u64 {
     use blake2::Digest;
     let digest = blake2::Blake2s256::digest(bytes);
-    u64::from_be_bytes(digest[..8].try_into().expect("32-byte digest"))
+    // The first eight bytes, big-endian.
+    digest.iter().take(8).fold(0, |v, b| (v << 8) | u64::from(*b))
 }
 
 impl fmt::Display for PeerName {
@@ -103,6 +107,16 @@ impl FromStr for PeerName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_short_hash_is_the_digests_first_eight_bytes_big_endian() {
+        use blake2::Digest;
+        // Names derived from machine ids must not change across versions.
+        for input in [&b""[..], b"weft peer name\0abc", &[0xff; 100]] {
+            let digest = blake2::Blake2s256::digest(input);
+            assert_eq!(blake2_64(input), u64::from_be_bytes(digest[..8].try_into().unwrap()));
+        }
+    }
 
     #[test]
     fn names_round_trip_and_are_stable() {

@@ -1,6 +1,17 @@
 //! An in-memory network of [`Node`]s: the mesh's sans-IO core with messages
 //! delivered in random order over links that can be cut and healed. Used by the
 //! convergence tests and by `cargo xtask bench mesh`.
+//!
+//! Links come in two kinds. [`Sim::connect`] makes one that is up at both ends
+//! at once. [`Sim::dial`] makes a connection whose two ends finish their
+//! handshakes in random order amid the other traffic; each end then applies the
+//! agent's own [`admit`] (the duplicate-connection rule), and an end that drops
+//! a connection tells the other, later. Messages travel over one connection: a
+//! message that reaches an end still in its handshake waits for it, and one
+//! that reaches a closed end is lost, as over TCP.
+//!
+//! Owns the simulated network; the nodes and the rules are the agent's own,
+//! never re-implemented here.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -11,15 +22,62 @@ use rand::{RngExt, SeedableRng};
 
 use super::node::{Gossip, GossipError, Gossiper, Node, Outbox};
 use super::peer::PeerName;
+use super::targets::{Admission, ConnId, admit};
 use super::topology::PeerEntry;
+
+/// One end of a simulated connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Handshaking,
+    /// Registered: the node uses it for the peer.
+    Up,
+    Closed,
+}
+
+/// A simulated connection.
+#[derive(Debug)]
+struct SimConn {
+    dialer: usize,
+    acceptor: usize,
+    /// The dialer's end, then the acceptor's.
+    ends: [End; 2],
+    /// Messages that reached an end before its handshake finished: (the
+    /// receiving end's node, the message).
+    held: Vec<(usize, Gossip)>,
+}
+
+impl SimConn {
+    fn side(&self, node: usize) -> usize {
+        usize::from(node != self.dialer)
+    }
+
+    fn other(&self, node: usize) -> usize {
+        if node == self.dialer { self.acceptor } else { self.dialer }
+    }
+}
+
+/// Something on its way.
+#[derive(Debug)]
+enum Transit {
+    Message { from: usize, to: usize, conn: ConnId, msg: Gossip },
+    /// Node `at` finishes its handshake of `conn`.
+    Handshake { conn: ConnId, at: usize },
+    /// Node `at` learns that the other end closed `conn`.
+    Closed { conn: ConnId, at: usize },
+}
 
 /// A simulated network.
 pub struct Sim {
     pub nodes: Vec<Node>,
     names: Vec<PeerName>,
     index: BTreeMap<PeerName, usize>,
+    /// Pairs whose ends both have a connection to each other up.
     links: BTreeSet<(usize, usize)>,
-    queue: Vec<(usize, usize, Gossip)>,
+    conns: BTreeMap<ConnId, SimConn>,
+    /// Per node, the connection it uses for each peer.
+    registered: Vec<BTreeMap<PeerName, ConnId>>,
+    next_conn: ConnId,
+    queue: Vec<Transit>,
     rng: StdRng,
     /// Bytes each node has received (postcard-encoded messages).
     pub bytes_received: Vec<u64>,
@@ -27,6 +85,10 @@ pub struct Sim {
     pub delivered: u64,
     /// The test channel of each node.
     pub sets: Vec<Arc<SetGossiper>>,
+    /// Connections the duplicate rule closed (counted at each end).
+    pub duplicates_closed: u64,
+    /// Connections an end was using when the other end closed them.
+    pub closed_in_use: u64,
 }
 
 fn key(a: usize, b: usize) -> (usize, usize) {
@@ -54,11 +116,16 @@ impl Sim {
             names,
             index,
             links: BTreeSet::new(),
+            conns: BTreeMap::new(),
+            registered: vec![BTreeMap::new(); n],
+            next_conn: 0,
             queue: Vec::new(),
             rng: StdRng::seed_from_u64(seed),
             bytes_received: vec![0; n],
             delivered: 0,
             sets,
+            duplicates_closed: 0,
+            closed_in_use: 0,
         }
     }
 
@@ -67,10 +134,13 @@ impl Sim {
         self.names[i]
     }
 
+    /// Queues `from`'s messages over the connections it uses; a message for a
+    /// peer it has none to is lost (the agent drops it too).
     fn enqueue(&mut self, from: usize, out: &mut Outbox) {
         for (to, msg) in out.drain() {
+            let Some(&conn) = self.registered[from].get(&to) else { continue };
             let to = self.index[&to];
-            self.queue.push((from, to, msg));
+            self.queue.push(Transit::Message { from, to, conn, msg });
         }
     }
 
@@ -88,12 +158,35 @@ impl Sim {
         self.links.contains(&key(a, b))
     }
 
+    fn new_conn(&mut self, dialer: usize, acceptor: usize, ends: End) -> ConnId {
+        self.next_conn += 1;
+        self.conns.insert(self.next_conn, SimConn { dialer, acceptor, ends: [ends; 2], held: Vec::new() });
+        self.next_conn
+    }
+
+    fn relink(&mut self, a: usize, b: usize) {
+        if self.registered[a].contains_key(&self.names[b]) && self.registered[b].contains_key(&self.names[a]) {
+            self.links.insert(key(a, b));
+        } else {
+            self.links.remove(&key(a, b));
+        }
+    }
+
+    /// A connection up at both ends at once.
+    fn open(&mut self, a: usize, b: usize) {
+        let id = self.new_conn(a, b, End::Up);
+        self.registered[a].insert(self.names[b], id);
+        self.registered[b].insert(self.names[a], id);
+        self.links.insert(key(a, b));
+    }
+
     /// Establishes a connection and returns both ends' outboxes, unflushed (for
     /// the timed simulation); `None` if they were connected already.
     pub fn connect_raw(&mut self, a: usize, b: usize) -> Option<(Outbox, Outbox)> {
-        if a == b || !self.links.insert(key(a, b)) {
+        if a == b || self.linked(a, b) {
             return None;
         }
+        self.open(a, b);
         let (mut oa, mut ob) = (Outbox::default(), Outbox::default());
         let (na, nb) = (self.names[a], self.names[b]);
         self.nodes[a].connection_up(nb, Self::addr(b), true, &mut oa);
@@ -103,9 +196,10 @@ impl Sim {
 
     /// Establishes a connection between `a` and `b`.
     pub fn connect(&mut self, a: usize, b: usize) {
-        if a == b || !self.links.insert(key(a, b)) {
+        if a == b || self.linked(a, b) {
             return;
         }
+        self.open(a, b);
         let mut out = Outbox::default();
         let (na, nb) = (self.names[a], self.names[b]);
         self.nodes[a].connection_up(nb, Self::addr(b), true, &mut out);
@@ -121,7 +215,15 @@ impl Sim {
         if !self.links.remove(&key(a, b)) {
             return;
         }
-        self.queue.retain(|(f, t, _)| key(*f, *t) != key(a, b));
+        self.queue.retain(|t| !matches!(t, Transit::Message { from, to, .. } if key(*from, *to) == key(a, b)));
+        for (i, j) in [(a, b), (b, a)] {
+            if let Some(id) = self.registered[i].remove(&self.names[j])
+                && let Some(c) = self.conns.get_mut(&id)
+            {
+                let side = c.side(i);
+                c.ends[side] = End::Closed;
+            }
+        }
         let mut out = Outbox::default();
         let (na, nb) = (self.names[a], self.names[b]);
         self.nodes[a].connection_down(nb);
@@ -132,18 +234,55 @@ impl Sim {
         self.enqueue(b, &mut out);
     }
 
+    /// `a` dials `b`: a new connection whose two ends finish their handshakes
+    /// in random order amid the other traffic.
+    pub fn dial(&mut self, a: usize, b: usize) -> ConnId {
+        let id = self.new_conn(a, b, End::Handshaking);
+        self.queue.push(Transit::Handshake { conn: id, at: a });
+        self.queue.push(Transit::Handshake { conn: id, at: b });
+        id
+    }
+
+    /// The connection `a` uses for `b`.
+    pub fn connection(&self, a: usize, b: usize) -> Option<ConnId> {
+        self.registered[a].get(&self.names[b]).copied()
+    }
+
+    /// Who dialed connection `id`.
+    pub fn dialer(&self, id: ConnId) -> Option<usize> {
+        self.conns.get(&id).map(|c| c.dialer)
+    }
+
     /// The links currently up.
     pub fn links(&self) -> &BTreeSet<(usize, usize)> {
         &self.links
     }
 
-    /// Delivers one message picked at random (so messages are reordered).
+    /// Delivers one message (or handshake, or close) picked at random, so
+    /// everything is reordered.
     pub fn step(&mut self) -> bool {
         if self.queue.is_empty() {
             return false;
         }
         let i = self.rng.random_range(0..self.queue.len());
-        let (from, to, msg) = self.queue.swap_remove(i);
+        match self.queue.swap_remove(i) {
+            Transit::Message { from, to, conn, msg } => self.arrive(from, to, conn, msg),
+            Transit::Handshake { conn, at } => self.handshake(conn, at),
+            Transit::Closed { conn, at } => self.closed(conn, at),
+        }
+        true
+    }
+
+    fn arrive(&mut self, from: usize, to: usize, conn: ConnId, msg: Gossip) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        match c.ends[c.side(to)] {
+            End::Up => self.deliver(from, to, msg),
+            End::Handshaking => c.held.push((to, msg)),
+            End::Closed => {}
+        }
+    }
+
+    fn deliver(&mut self, from: usize, to: usize, msg: Gossip) {
         self.bytes_received[to] += postcard::to_stdvec(&msg).map_or(0, |b| b.len() as u64);
         self.delivered += 1;
         let mut out = Outbox::default();
@@ -153,7 +292,91 @@ impl Sim {
         }
         self.nodes[to].flush(&mut out);
         self.enqueue(to, &mut out);
-        true
+    }
+
+    /// Node `at` finished its handshake of `conn`: it decides as the agent does.
+    fn handshake(&mut self, conn: ConnId, at: usize) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        // The other end closed it first: this handshake failed.
+        if c.ends[c.side(at)] != End::Handshaking {
+            return;
+        }
+        let other = c.other(at);
+        let outbound = at == c.dialer;
+        let (me, peer) = (self.names[at], self.names[other]);
+        let existing = self.registered[at].get(&peer).map(|id| (*id, self.conns.get(id).is_some_and(|e| e.dialer == at)));
+        let mut out = Outbox::default();
+        match admit(me, peer, outbound, existing, self.registered[at].len(), usize::MAX) {
+            Admission::Accept => {
+                self.up(conn, at);
+                self.nodes[at].connection_up(peer, Self::addr(other), outbound, &mut out);
+            }
+            Admission::KeepExisting(_) => {
+                self.duplicates_closed += 1;
+                self.shut(conn, at);
+            }
+            Admission::Replace { old } => {
+                self.duplicates_closed += 1;
+                self.shut(old, at);
+                self.up(conn, at);
+                self.nodes[at].resync(peer, &mut out);
+            }
+            refused @ (Admission::Myself | Admission::OverLimit) => panic!("no limit and no self-dials here: {refused:?}"),
+        }
+        self.nodes[at].flush(&mut out);
+        self.enqueue(at, &mut out);
+    }
+
+    /// `at` registers `conn`; what waited for its handshake is on its way.
+    fn up(&mut self, conn: ConnId, at: usize) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let side = c.side(at);
+        c.ends[side] = End::Up;
+        let other = c.other(at);
+        let (held, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut c.held).into_iter().partition(|(to, _)| *to == at);
+        c.held = rest;
+        self.registered[at].insert(self.names[other], conn);
+        self.relink(at, other);
+        for (_, msg) in held {
+            self.queue.push(Transit::Message { from: other, to: at, conn, msg });
+        }
+    }
+
+    /// `at` closes its end of `conn`; the other end learns later.
+    fn shut(&mut self, conn: ConnId, at: usize) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let side = c.side(at);
+        c.ends[side] = End::Closed;
+        c.held.retain(|(to, _)| *to != at);
+        let (other, other_open) = (c.other(at), c.ends[1 - side] != End::Closed);
+        if self.registered[at].get(&self.names[other]) == Some(&conn) {
+            self.registered[at].remove(&self.names[other]);
+            self.relink(at, other);
+        }
+        if other_open {
+            self.queue.push(Transit::Closed { conn, at: other });
+        }
+    }
+
+    /// The other end closed `conn`: if `at` was using it, the peer is gone
+    /// (for now) as far as `at` knows.
+    fn closed(&mut self, conn: ConnId, at: usize) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let side = c.side(at);
+        let was = c.ends[side];
+        c.ends[side] = End::Closed;
+        c.held.retain(|(to, _)| *to != at);
+        let other = c.other(at);
+        if was == End::Up {
+            self.closed_in_use += 1;
+            let peer = self.names[other];
+            self.registered[at].remove(&peer);
+            self.relink(at, other);
+            let mut out = Outbox::default();
+            self.nodes[at].connection_down(peer);
+            self.nodes[at].flush(&mut out);
+            self.enqueue(at, &mut out);
+        }
     }
 
     /// Delivers messages until none is left (or `max` were delivered).
@@ -367,6 +590,57 @@ mod tests {
             sim.check_converged().unwrap_or_else(|e| panic!("seed {seed}, healed: {e}"));
             for s in &sim.sets {
                 assert_eq!(s.items().len(), 12, "seed {seed}: both sides' updates everywhere");
+            }
+        }
+    }
+
+    /// Both ends of many pairs dial each other at once, amid traffic and in
+    /// random order. After the duplicate rule each pair keeps exactly one
+    /// connection, the same at both ends (the one the smaller name dialed),
+    /// and the mesh converges over those.
+    #[test]
+    fn both_ends_dialing_at_once_keep_one_connection_per_pair_and_converge() {
+        for seed in [1, 2, 3, 4, 5] {
+            let n = 40;
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut sim = Sim::new(n, seed);
+            // A chain (one network), then random pairs.
+            let mut pairs: BTreeSet<(usize, usize)> = (0..n - 1).map(|i| (i, i + 1)).collect();
+            while pairs.len() < 150 {
+                let (a, b) = (rng.random_range(0..n), rng.random_range(0..n));
+                if a != b {
+                    pairs.insert(key(a, b));
+                }
+            }
+            let mut dials: Vec<(usize, usize)> = pairs.iter().flat_map(|&(a, b)| [(a, b), (b, a)]).collect();
+            for i in (1..dials.len()).rev() {
+                dials.swap(i, rng.random_range(0..=i));
+            }
+            for (a, b) in dials {
+                sim.dial(a, b);
+                let burst = rng.random_range(0..10);
+                sim.run(burst);
+            }
+            settle(&mut sim);
+            for &(a, b) in &pairs {
+                let (at_a, at_b) = (sim.connection(a, b), sim.connection(b, a));
+                assert!(at_a.is_some() && at_a == at_b, "seed {seed}: {a} and {b} use one connection: {at_a:?}, {at_b:?}");
+                assert_eq!(sim.dialer(at_a.unwrap()), Some(a.min(b)), "seed {seed}: the smaller name's dial survives");
+            }
+            assert_eq!(sim.links(), &pairs, "seed {seed}: no other links");
+            for i in 0..n {
+                let degree = pairs.iter().filter(|(a, b)| *a == i || *b == i).count();
+                assert_eq!(sim.registered[i].len(), degree, "seed {seed}: peer {i} has one connection per neighbour");
+            }
+            assert!(sim.duplicates_closed >= pairs.len() as u64, "seed {seed}: the rule decided every pair");
+            sim.check_converged().unwrap_or_else(|e| panic!("seed {seed}: {e} ({} connections were closed under a peer using them)", sim.closed_in_use));
+            // And gossip flows over the connections that survived.
+            for i in 0..5 {
+                sim.add_item(i * 7, i as u64);
+            }
+            settle(&mut sim);
+            for s in &sim.sets {
+                assert_eq!(s.items().len(), 5, "seed {seed}: the set reached every peer");
             }
         }
     }

@@ -3,6 +3,8 @@
 //! CPU cost of doing so (measured), flushing its topology updates once its ready
 //! work is done (as the agent does), pruning at most every 250 ms, and running
 //! anti-entropy every tick. Reports simulated time to convergence and bytes.
+//!
+//! Owns simulated time only; the nodes are the agent's own, untouched.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;

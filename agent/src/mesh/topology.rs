@@ -6,6 +6,9 @@
 //! a true join: commutative, associative, idempotent). Routes use only links both
 //! ends list as established. Peers nobody reachable lists are pruned locally
 //! ([`Topology::prune`]); a peer that comes back publishes a higher version.
+//!
+//! Owns the merge, reachability and route computations. Must not touch I/O or
+//! know who is connected right now: that arrives as entries.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -158,8 +161,10 @@ impl Topology {
             }
             // Walk up to the child of `me` on the path.
             let mut hop = dst;
-            while tree[&hop] != me {
-                hop = tree[&hop];
+            while let Some(&up) = tree.get(&hop)
+                && up != me
+            {
+                hop = up;
             }
             unicast.insert(dst, hop);
         }
