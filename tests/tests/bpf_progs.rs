@@ -172,9 +172,7 @@ impl Bpf {
 
 /// Runs `prog` on `packet`; returns the verdict and the packet afterwards.
 fn run(prog: &SchedClassifier, packet: &[u8], out: &mut [u8]) -> (u32, usize) {
-    let mut opts = TestRunOptions::default();
-    opts.data_in = Some(packet);
-    opts.data_out = Some(out);
+    let opts = TestRunOptions { data_in: Some(packet), data_out: Some(out), ..Default::default() };
     let result = prog.test_run(opts).expect("PROG_TEST_RUN");
     (result.return_value, result.data_size_out as usize)
 }

@@ -62,8 +62,8 @@ pub async fn handler(State(ctx): State<Ctx>) -> Response {
 
     let terminations = Family::<ReasonLabels, Counter>::default();
     registry.register("weft_connection_terminations", "Control connections that ended, by reason", terminations.clone());
-    for reason in ["closed", "heartbeat_timeout", "authentication", "duplicate", "connection_limit", "protocol_error", "error"] {
-        terminations.get_or_create(&ReasonLabels { reason: reason.into() }).inc_by(0);
+    for reason in crate::mesh::CloseReason::ALL {
+        terminations.get_or_create(&ReasonLabels { reason: reason.label().into() }).inc_by(0);
     }
     for (reason, n) in &status.terminations {
         terminations.get_or_create(&ReasonLabels { reason: reason.clone() }).inc_by(*n);

@@ -25,7 +25,7 @@ pub fn status(s: &MeshStatus, info: &AgentInfo, dp: &dyn Datapath, stats: Option
         ("Version", format!("weft {}", info.version)),
         ("", String::new()),
         ("Service", "router".into()),
-        ("Protocol", format!("weft {}", crate::mesh::wire::VERSION_MAX)),
+        ("Protocol", format!("weft {}", crate::mesh::PROTOCOL_VERSION)),
         ("Name", name),
         ("Encryption", if s.encrypted { "enabled".into() } else { "disabled".into() }),
         ("PeerDiscovery", if info.discovery { "enabled".into() } else { "disabled".into() }),

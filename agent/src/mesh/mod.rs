@@ -34,6 +34,8 @@ pub mod wire;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
+/// The newest control-protocol version this build speaks (for status output).
+pub use wire::VERSION_MAX as PROTOCOL_VERSION;
 pub use close::CloseReason;
 pub use handle::{Mesh, MeshBuilder, MeshHandle};
 pub use node::{Gossip, GossipError, Gossiper};
