@@ -193,6 +193,8 @@ fn test(filters: &[String]) -> Result<()> {
     // the `aws` feature (the AWS tests need it), the same for every crate so
     // nothing is built twice.
     run(cargo().args(["build", "-p", "weft", "--bin", "weft", "--features", "weft/aws"]))?;
+    // Lints are part of the suite: a warning fails it.
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--features", "weft/aws", "--", "-D", "warnings"]))?;
     if has_nextest() {
         // Every test in its own process: namespaces entered by one cannot leak
         // into another, and a crash takes one test down, not the run.
