@@ -16,7 +16,6 @@ use ipnet::Ipv4Net;
 use crate::datapath::{AttachedEndpoint, Datapath, DatapathError, ErrorKind as DatapathErrorKind, LocalEndpoint};
 use crate::dns::DnsHandle;
 use crate::endpoints::{self, EndpointTable};
-use crate::ipam::core::AllocError;
 use crate::ipam::{IpamError, IpamHandle};
 use crate::mesh::MeshHandle;
 
@@ -123,7 +122,9 @@ impl AttachError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             AttachError::Wants(_) => ErrorKind::Invalid,
-            AttachError::Ipam(e) if ipam_retryable(e) => ErrorKind::Unavailable,
+            // Conditions that pass: agreement, a peer that comes back or joins
+            // (a fresh peer owns no space until a reachable peer donates some).
+            AttachError::Ipam(e) if e.is_retryable() => ErrorKind::Unavailable,
             AttachError::Ipam(_) => ErrorKind::Invalid,
             AttachError::Datapath(e) => match e.kind() {
                 DatapathErrorKind::InvalidRequest | DatapathErrorKind::BadSettings => ErrorKind::Invalid,
@@ -139,17 +140,6 @@ impl AttachError {
     pub fn is_retryable(&self) -> bool {
         self.kind() == ErrorKind::Unavailable
     }
-}
-
-/// Conditions that pass: agreement, a peer that comes back or joins (a fresh
-/// peer owns no space until a reachable peer donates some).
-fn ipam_retryable(e: &IpamError) -> bool {
-    matches!(
-        e,
-        IpamError::Stopped
-            | IpamError::Timeout(..)
-            | IpamError::Alloc(AllocError::Exhausted(_) | AllocError::OwnerUnreachable { .. } | AllocError::NoRing)
-    )
 }
 
 /// A container runtime as attach sees it (Docker; `app` wires it). The API

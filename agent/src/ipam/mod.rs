@@ -20,6 +20,7 @@
 
 pub mod core;
 pub mod paxos;
+pub mod policy;
 pub mod ring;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use self::core::{AllocError, Effect, GossipState, Init, Ipam, Msg, Outcome, Persisted};
+use self::policy::Reclaimer;
 use crate::mesh::{GossipError, Gossiper, MeshHandle, MeshStatus, PeerName};
 use crate::state::StateStore;
 
@@ -63,9 +65,10 @@ pub struct IpamConfig {
     pub reclaim_after: Option<Duration>,
 }
 
-/// Why IPAM could not start.
+/// Why IPAM could not start, or could not do what was asked. Each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
+    /// The state file could not be read at start.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
     #[error("the state directory holds addresses from range {saved}, but --ipalloc-range is {given}: launch with the same range, or `weft reset` this peer first")]
@@ -76,10 +79,47 @@ pub enum IpamError {
     Stopped,
     #[error(transparent)]
     Alloc(#[from] AllocError),
-    #[error("timed out after {0:?} waiting for {1}")]
-    Timeout(Duration, &'static str),
-    #[error("{0}")]
-    Refused(String),
+    #[error("timed out after {after:?} waiting for {waiting_for}; try again (`weft status ipam` shows what it waits for)")]
+    Timeout { after: Duration, waiting_for: &'static str },
+    #[error("peer {peer} is reachable: stop it (or `weft reset` it) before taking its addresses")]
+    PeerReachable { peer: PeerName },
+    #[error("a peer cannot rmpeer itself; use `weft reset`")]
+    RmpeerSelf,
+    #[error("unknown peer {given:?}: give its name (one of {}) or a nickname of a known peer", comma_separated(known))]
+    UnknownPeer { given: String, known: Vec<PeerName> },
+    #[error("{count} addresses are still allocated here; detach the containers first")]
+    StillAllocated { count: usize },
+}
+
+impl IpamError {
+    /// Whether the same request may succeed later, unchanged: true for
+    /// conditions of the cluster or of this agent that pass (agreement pending,
+    /// a peer away or not yet joined, no space yet, IPAM stopping), false for
+    /// the caller's own mistakes (a bad address or subnet, an address in use, a
+    /// live peer to rmpeer) and launch flags that must change. The API answers
+    /// 503 for the first, 400 for the second.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            IpamError::Stopped | IpamError::Timeout { .. } | IpamError::State(_) => true,
+            IpamError::Alloc(e) => match e {
+                AllocError::Exhausted(_) | AllocError::OwnerUnreachable { .. } | AllocError::NoRing => true,
+                AllocError::OutsideRange { .. }
+                | AllocError::InUse { .. }
+                | AllocError::Reserved { .. }
+                | AllocError::ClaimRefused { .. } => false,
+            },
+            IpamError::RangeChanged { .. }
+            | IpamError::SubnetOutside { .. }
+            | IpamError::PeerReachable { .. }
+            | IpamError::RmpeerSelf
+            | IpamError::UnknownPeer { .. }
+            | IpamError::StillAllocated { .. } => false,
+        }
+    }
+}
+
+fn comma_separated(peers: &[PeerName]) -> String {
+    peers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
 /// One peer's share, for `weft status ipam`.
@@ -269,6 +309,7 @@ pub fn spawn(
     cancel: CancellationToken,
 ) -> IpamHandle {
     let (tx, rx) = mpsc::channel(4096);
+    let reclaimer = config.reclaim_after.map(Reclaimer::new);
     let actor = Actor {
         config,
         shared: pending.shared,
@@ -277,8 +318,7 @@ pub fn spawn(
         discovery,
         waiting: Vec::new(),
         asked_at: BTreeMap::new(),
-        unreachable_since: BTreeMap::new(),
-        last_addr: BTreeMap::new(),
+        reclaimer,
         election_started: None,
         settle_at: None,
     };
@@ -299,8 +339,8 @@ struct Actor {
     discovery: watch::Receiver<Option<BTreeSet<Ipv4Addr>>>,
     waiting: Vec<Waiter>,
     asked_at: BTreeMap<Ipv4Net, Instant>,
-    unreachable_since: BTreeMap<PeerName, Instant>,
-    last_addr: BTreeMap<PeerName, Ipv4Addr>,
+    /// The automatic reclaim rule and its clocks (None: only `weft rmpeer`).
+    reclaimer: Option<Reclaimer>,
     election_started: Option<Instant>,
     settle_at: Option<Instant>,
 }
@@ -437,18 +477,13 @@ impl Actor {
                 return;
             }
             Request::RmPeer { peer, reply } => {
-                let result = resolve_peer(&peer, &ipam, &status).and_then(|dead| {
-                    if reach.contains(&dead) && dead != self.config.me {
-                        return Err(IpamError::Refused(format!(
-                            "peer {dead} is reachable: stop it (or `weft reset` it) before taking its addresses"
-                        )));
-                    }
-                    if dead == self.config.me {
-                        return Err(IpamError::Refused("a peer cannot rmpeer itself; use `weft reset`".into()));
-                    }
+                let nicknames = status.peers.iter().map(|p| (p.name, p.nickname.as_str()));
+                let owners = ipam.ring().ownership().into_keys();
+                let target = policy::rmpeer_target(&peer, self.config.me, &reach, nicknames, owners);
+                let result = target.map(|dead| {
                     let moved = ipam.reclaim(dead, &mut effects);
                     info!(peer = %dead, addresses = moved, "took over a removed peer's addresses");
-                    Ok(moved)
+                    moved
                 });
                 if result.as_ref().is_ok_and(|m| *m > 0) {
                     self.settle_at = Some(Instant::now() + SETTLE);
@@ -458,21 +493,8 @@ impl Actor {
                 }));
             }
             Request::GiveAway { reply } => {
-                // To the reachable peer owning the least: it is the likeliest to need it.
-                let owners = ipam.ring().ownership();
-                let heir = reach
-                    .iter()
-                    .filter(|p| **p != self.config.me)
-                    .min_by_key(|p| (owners.get(p).copied().unwrap_or(0), **p))
-                    .copied();
-                let result = match heir {
-                    Some(heir) if ipam.used() == 0 => Ok(ipam.give_all(heir, &mut effects)),
-                    Some(_) => Err(IpamError::Refused(format!(
-                        "{} addresses are still allocated here; detach the containers first",
-                        ipam.used()
-                    ))),
-                    None => Ok(0),
-                };
+                let heir = policy::heir(self.config.me, &reach, &ipam.ring().ownership(), ipam.used());
+                let result = heir.map(|heir| heir.map_or(0, |heir| ipam.give_all(heir, &mut effects)));
                 replies.push(Box::new(move || {
                     let _ = reply.send(result);
                 }));
@@ -513,7 +535,7 @@ impl Actor {
                             }));
                         }
                         Ok(Outcome::Wait(why)) if now >= deadline => replies.push(Box::new(move || {
-                            let _ = reply.send(Err(IpamError::Timeout(WAIT, why)));
+                            let _ = reply.send(Err(IpamError::Timeout { after: WAIT, waiting_for: why }));
                         })),
                         Ok(Outcome::Wait(_)) => still.push(Waiter::Allocate { id, subnet, deadline, reply }),
                         Err(e) => replies.push(Box::new(move || {
@@ -531,7 +553,7 @@ impl Actor {
                     Ok(Outcome::Wait(why)) if now >= deadline => {
                         ipam.cancel_claim(addr);
                         replies.push(Box::new(move || {
-                            let _ = reply.send(Err(IpamError::Timeout(WAIT, why)));
+                            let _ = reply.send(Err(IpamError::Timeout { after: WAIT, waiting_for: why }));
                         }));
                     }
                     Ok(Outcome::Wait(_)) => still.push(Waiter::Claim { id, addr, deadline, reply }),
@@ -549,9 +571,11 @@ impl Actor {
     fn tick(&mut self, batch: &mut Batch) {
         let status = self.mesh.status().borrow().clone();
         let reach = reachable(&status, self.config.me);
-        for p in &status.peers {
-            if let Some(a) = p.data_addr {
-                self.last_addr.insert(p.name, a);
+        if let Some(reclaimer) = &mut self.reclaimer {
+            for p in &status.peers {
+                if let Some(a) = p.data_addr {
+                    reclaimer.saw_address(p.name, a);
+                }
             }
         }
         let shared = self.shared.clone();
@@ -588,48 +612,21 @@ impl Actor {
         batch.add(effects);
     }
 
-    /// The automatic reclaim policy (see the module docs).
+    /// The automatic reclaim rule ([`policy::Reclaimer`]): this shell only
+    /// passes the time and what it sees, and applies the decision.
     fn auto_reclaim(&mut self, ipam: &mut Ipam, reach: &BTreeSet<PeerName>, effects: &mut Vec<Effect>) {
-        let Some(grace) = self.config.reclaim_after else { return };
+        let Some(reclaimer) = &mut self.reclaimer else { return };
         let now = Instant::now();
         let owners: BTreeSet<PeerName> = ipam.ring().ownership().into_keys().collect();
-        for p in &owners {
-            if reach.contains(p) {
-                self.unreachable_since.remove(p);
-            } else {
-                self.unreachable_since.entry(*p).or_insert(now);
-            }
-        }
-        self.unreachable_since.retain(|p, _| owners.contains(p));
-        let live = owners.iter().filter(|p| reach.contains(p)).count();
-        if live * 2 <= owners.len() {
-            return; // a minority (or a tie) never reclaims
-        }
-        if reach.iter().next() != Some(&self.config.me) {
-            return; // the smallest reachable name acts
-        }
         let discovered = self.discovery.borrow().clone();
-        let dead: Vec<PeerName> = self
-            .unreachable_since
-            .iter()
-            .filter(|(_, since)| now.duration_since(**since) > grace)
-            .filter(|(p, _)| match (&discovered, self.last_addr.get(p)) {
-                // Discovery still lists its address: it may be coming back.
-                (Some(found), Some(addr)) => !found.contains(addr),
-                // Discovery runs, but this peer's address was never seen: whether
-                // it was terminated cannot be told, so `weft rmpeer` decides.
-                (Some(_), None) => false,
-                (None, _) => true,
-            })
-            .map(|(p, _)| *p)
-            .collect();
-        for p in dead {
+        let view = policy::View { now, me: self.config.me, owners: &owners, reachable: reach, discovered: discovered.as_ref() };
+        for p in reclaimer.due(&view) {
             let moved = ipam.reclaim(p, effects);
             if moved > 0 {
+                let grace = reclaimer.grace();
                 info!(peer = %p, addresses = moved, "reclaimed the address space of a peer gone longer than {grace:?}");
                 self.settle_at = Some(now + SETTLE);
             }
-            self.unreachable_since.remove(&p);
         }
     }
 
@@ -693,19 +690,4 @@ impl Actor {
 /// else the whole range's.
 fn claim_prefix(ipam: &Ipam, addr: Ipv4Addr) -> u8 {
     if ipam.default_subnet().contains(&addr) { ipam.default_subnet().prefix_len() } else { ipam.range().prefix_len() }
-}
-
-/// A peer by name (`aa:bb:..`) or nickname.
-fn resolve_peer(peer: &str, ipam: &Ipam, status: &MeshStatus) -> Result<PeerName, IpamError> {
-    if let Ok(name) = peer.parse::<PeerName>() {
-        return Ok(name);
-    }
-    if let Some(p) = status.peers.iter().find(|p| p.nickname == peer) {
-        return Ok(p.name);
-    }
-    let owners: Vec<String> = ipam.ring().ownership().keys().map(ToString::to_string).collect();
-    Err(IpamError::Refused(format!(
-        "unknown peer {peer:?}: give its name (one of {}) or a nickname of a known peer",
-        owners.join(", ")
-    )))
 }
