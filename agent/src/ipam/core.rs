@@ -108,6 +108,45 @@ pub enum Outcome<T> {
     Wait(&'static str),
 }
 
+impl<T> Outcome<T> {
+    /// The same outcome with `f` applied to what is done.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Outcome<U> {
+        match self {
+            Outcome::Done(t) => Outcome::Done(f(t)),
+            Outcome::Wait(why) => Outcome::Wait(why),
+        }
+    }
+}
+
+/// A request for an address that may have to wait (for agreement, for space,
+/// for another peer's answer): the shell tries it with [`Ipam::try_request`]
+/// when it arrives and again whenever something changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddrRequest {
+    /// Any free address in `subnet` (the default subnet if `None`).
+    Allocate { id: String, subnet: Option<Ipv4Net> },
+    /// This address (e.g. a container restarted with its old one).
+    Claim { id: String, addr: Ipv4Addr },
+}
+
+impl AddrRequest {
+    /// The subnet whose space the request may wait for (claims wait for an
+    /// owner's answer; they count against the default subnet).
+    pub fn subnet(&self) -> Option<Ipv4Net> {
+        match self {
+            AddrRequest::Allocate { subnet, .. } => *subnet,
+            AddrRequest::Claim { .. } => None,
+        }
+    }
+}
+
+/// `addr` with `subnet`'s prefix length. `Ipv4Net::new` refuses only a prefix
+/// longer than 32, which the prefix of an `Ipv4Net` never is: the fallback
+/// (the address alone) is never taken, and keeps this function total.
+pub fn with_prefix(addr: Ipv4Addr, subnet: Ipv4Net) -> Ipv4Net {
+    Ipv4Net::new(addr, subnet.prefix_len()).unwrap_or_else(|_| Ipv4Net::from(addr))
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Asking {
     /// Peer asked last, not answered yet.
@@ -232,6 +271,17 @@ impl Ipam {
     /// The addresses of `id`.
     pub fn lookup(&self, id: &str) -> Vec<Ipv4Addr> {
         self.by_id.get(id).map(|a| a.iter().map(|x| Ipv4Addr::from(*x)).collect()).unwrap_or_default()
+    }
+
+    /// The addresses of `id`, with the default subnet's prefix.
+    pub fn lookup_nets(&self, id: &str) -> Vec<Ipv4Net> {
+        self.lookup(id).into_iter().map(|a| with_prefix(a, self.default_subnet)).collect()
+    }
+
+    /// The subnet a claimed address is given in: the default subnet if it is
+    /// inside it, else the whole range.
+    fn claim_subnet(&self, addr: Ipv4Addr) -> Ipv4Net {
+        if self.default_subnet.contains(&addr) { self.default_subnet } else { self.ring.range }
     }
 
     /// Addresses allocated here.
@@ -369,6 +419,36 @@ impl Ipam {
         out.push(Effect::Persist);
         out.push(Effect::Gossip);
         true
+    }
+
+    /// Tries `req` once: its address with the subnet's prefix, a reason to
+    /// wait, or why it fails. The one path for allocations and claims, whether
+    /// they just arrived or are waiting; a request whose deadline passes is
+    /// dropped with [`Ipam::give_up`].
+    pub fn try_request(
+        &mut self,
+        req: &AddrRequest,
+        reachable: &BTreeSet<PeerName>,
+        out: &mut Vec<Effect>,
+    ) -> Result<Outcome<Ipv4Net>, AllocError> {
+        match req {
+            AddrRequest::Allocate { id, subnet } => {
+                let prefix_of = subnet.unwrap_or(self.default_subnet);
+                Ok(self.allocate(id, *subnet, reachable, out)?.map(|a| with_prefix(a, prefix_of)))
+            }
+            AddrRequest::Claim { id, addr } => {
+                let subnet = self.claim_subnet(*addr);
+                Ok(self.claim(id, *addr, reachable, out)?.map(|()| with_prefix(*addr, subnet)))
+            }
+        }
+    }
+
+    /// Drops what a request that waited too long left behind (a claim's
+    /// question to the owner).
+    pub fn give_up(&mut self, req: &AddrRequest) {
+        if let AddrRequest::Claim { addr, .. } = req {
+            self.cancel_claim(*addr);
+        }
     }
 
     /// Allocates an address for `id` in `subnet` (the default subnet if `None`).
@@ -803,6 +883,60 @@ mod tests {
         deliver(&mut peers, msgs, &|_, _| true);
         let err = peers[0].claim("w", zaddr, &all, &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("in use by z"), "{err}");
+    }
+
+    #[test]
+    fn one_path_for_allocations_and_claims_with_their_subnets_prefix() {
+        let range = net("10.32.0.0/16");
+        let default = net("10.32.0.0/24");
+        let seed = Init::Seed(vec![p(0), p(1)]);
+        let mut peers = vec![Ipam::new(p(0), range, default, seed.clone()), Ipam::new(p(1), range, default, seed)];
+        let all: BTreeSet<PeerName> = [p(0), p(1)].into();
+        let mut out = Vec::new();
+        let alloc = |id: &str, subnet: Option<&str>| AddrRequest::Allocate { id: id.into(), subnet: subnet.map(net) };
+        let claim = |id: &str, addr: [u8; 4]| AddrRequest::Claim { id: id.into(), addr: addr.into() };
+        // Allocations: the prefix of the subnet asked for, else the default's.
+        assert_eq!(peers[0].try_request(&alloc("a", None), &all, &mut out).unwrap(), Outcome::Done(net("10.32.0.1/24")));
+        assert_eq!(
+            peers[0].try_request(&alloc("b", Some("10.32.8.0/22")), &all, &mut out).unwrap(),
+            Outcome::Done(net("10.32.8.1/22"))
+        );
+        assert_eq!(peers[0].lookup_nets("b"), vec![net("10.32.8.1/24")], "lookups give the default subnet's prefix");
+        // Claims: the default subnet's prefix inside it, the range's outside.
+        assert_eq!(peers[0].try_request(&claim("c", [10, 32, 0, 9]), &all, &mut out).unwrap(), Outcome::Done(net("10.32.0.9/24")));
+        assert_eq!(peers[0].try_request(&claim("d", [10, 32, 9, 9]), &all, &mut out).unwrap(), Outcome::Done(net("10.32.9.9/16")));
+        // Failures are the core's errors, whichever kind of request.
+        let err = peers[0].try_request(&alloc("e", Some("10.99.0.0/24")), &all, &mut out).unwrap_err();
+        assert!(matches!(err, AllocError::OutsideRange { .. }), "{err}");
+        let err = peers[0].try_request(&claim("e", [10, 32, 0, 9]), &all, &mut out).unwrap_err();
+        assert!(matches!(err, AllocError::InUse { .. }), "{err}");
+        // A claim of the other peer's address waits for its answer; giving up
+        // forgets the question, so a later try asks again.
+        let theirs = claim("f", [10, 32, 200, 1]);
+        let mut out = Vec::new();
+        assert!(matches!(peers[0].try_request(&theirs, &all, &mut out).unwrap(), Outcome::Wait(_)));
+        assert_eq!(unicasts(&peers, 0, out).len(), 1, "one question to the owner");
+        let mut out = Vec::new();
+        assert!(matches!(peers[0].try_request(&theirs, &all, &mut out).unwrap(), Outcome::Wait(_)));
+        assert!(out.is_empty(), "waiting: not asked twice");
+        peers[0].give_up(&theirs);
+        let mut out = Vec::new();
+        assert!(matches!(peers[0].try_request(&theirs, &all, &mut out).unwrap(), Outcome::Wait(_)));
+        assert_eq!(unicasts(&peers, 0, out).len(), 1, "after giving up, a new question");
+        // Its answer arrives: done, with the range's prefix.
+        let mut out = Vec::new();
+        peers[0].try_request(&theirs, &all, &mut out).unwrap();
+        let msgs = vec![(0, 1, Msg::ClaimRequest { addr: Ipv4Addr::new(10, 32, 200, 1) })];
+        deliver(&mut peers, msgs, &|_, _| true);
+        gossip(&mut peers, 0, 1);
+        assert_eq!(peers[0].try_request(&theirs, &all, &mut Vec::new()).unwrap(), Outcome::Done(net("10.32.200.1/16")));
+    }
+
+    #[test]
+    fn with_prefix_keeps_the_address_and_takes_the_subnets_length() {
+        assert_eq!(with_prefix(Ipv4Addr::new(10, 32, 5, 7), net("10.32.0.0/12")), net("10.32.5.7/12"));
+        assert_eq!(with_prefix(Ipv4Addr::new(10, 32, 5, 7), net("10.32.5.7/32")), net("10.32.5.7/32"));
+        assert_eq!(with_prefix(Ipv4Addr::new(10, 32, 5, 7), net("0.0.0.0/0")), net("10.32.5.7/0"));
     }
 
     #[test]

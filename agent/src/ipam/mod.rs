@@ -34,7 +34,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use self::core::{AllocError, Effect, GossipState, Init, Ipam, Msg, Outcome, Persisted};
+use self::core::{AddrRequest, AllocError, Effect, GossipState, Init, Ipam, Msg, Outcome, Persisted};
 use self::policy::Reclaimer;
 use crate::mesh::{GossipError, Gossiper, MeshHandle, MeshStatus, PeerName};
 use crate::state::StateStore;
@@ -152,8 +152,7 @@ pub struct IpamStatus {
 }
 
 enum Request {
-    Allocate { id: String, subnet: Option<Ipv4Net>, reply: oneshot::Sender<Result<Ipv4Net, IpamError>> },
-    Claim { id: String, addr: Ipv4Addr, reply: oneshot::Sender<Result<Ipv4Net, IpamError>> },
+    Address { req: AddrRequest, reply: oneshot::Sender<Result<Ipv4Net, IpamError>> },
     Release { id: String, reply: oneshot::Sender<Vec<Ipv4Addr>> },
     Lookup { id: String, reply: oneshot::Sender<Vec<Ipv4Net>> },
     Status { reply: oneshot::Sender<IpamStatus> },
@@ -235,12 +234,12 @@ impl IpamHandle {
     /// An address for `id` in `subnet` (the default subnet if `None`), with the
     /// subnet's prefix.
     pub async fn allocate(&self, id: &str, subnet: Option<Ipv4Net>) -> Result<Ipv4Net, IpamError> {
-        self.ask(|reply| Request::Allocate { id: id.into(), subnet, reply }).await?
+        self.ask(|reply| Request::Address { req: AddrRequest::Allocate { id: id.into(), subnet }, reply }).await?
     }
 
     /// Claims `addr` for `id`.
     pub async fn claim(&self, id: &str, addr: Ipv4Addr) -> Result<Ipv4Net, IpamError> {
-        self.ask(|reply| Request::Claim { id: id.into(), addr, reply }).await?
+        self.ask(|reply| Request::Address { req: AddrRequest::Claim { id: id.into(), addr }, reply }).await?
     }
 
     /// Releases `id`'s addresses; returns them.
@@ -326,9 +325,41 @@ pub fn spawn(
     IpamHandle { tx }
 }
 
-enum Waiter {
-    Allocate { id: String, subnet: Option<Ipv4Net>, deadline: Instant, reply: oneshot::Sender<Result<Ipv4Net, IpamError>> },
-    Claim { id: String, addr: Ipv4Addr, deadline: Instant, reply: oneshot::Sender<Result<Ipv4Net, IpamError>> },
+/// An address request waiting for agreement, space or an owner's answer.
+struct Waiter {
+    req: AddrRequest,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Ipv4Net, IpamError>>,
+}
+
+/// Answers to send once the batch is on disk.
+type Replies = Vec<Box<dyn FnOnce() + Send>>;
+
+/// Tries `w` once ([`Ipam::try_request`]); answers it if it is done, failed or
+/// out of time, else hands it back to wait on. Both a new request and a
+/// waiting one go through here.
+fn attempt(
+    ipam: &mut Ipam,
+    w: Waiter,
+    reach: &BTreeSet<PeerName>,
+    now: Instant,
+    effects: &mut Vec<Effect>,
+    replies: &mut Replies,
+) -> Option<Waiter> {
+    let answer = match ipam.try_request(&w.req, reach, effects) {
+        Ok(Outcome::Done(net)) => Ok(net),
+        Ok(Outcome::Wait(why)) if now >= w.deadline => {
+            ipam.give_up(&w.req);
+            Err(IpamError::Timeout { after: WAIT, waiting_for: why })
+        }
+        Ok(Outcome::Wait(_)) => return Some(w),
+        Err(e) => Err(e.into()),
+    };
+    let reply = w.reply;
+    replies.push(Box::new(move || {
+        let _ = reply.send(answer);
+    }));
+    None
 }
 
 struct Actor {
@@ -380,7 +411,7 @@ impl Actor {
         let shared = self.shared.clone();
         loop {
             let mut batch = Batch::default();
-            let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+            let mut replies: Replies = Vec::new();
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = rx.recv() => match r {
@@ -417,47 +448,21 @@ impl Actor {
         }
     }
 
-    fn request(&mut self, req: Request, batch: &mut Batch, replies: &mut Vec<Box<dyn FnOnce() + Send>>) {
+    fn request(&mut self, req: Request, batch: &mut Batch, replies: &mut Replies) {
         let status = self.mesh.status().borrow().clone();
         let reach = reachable(&status, self.config.me);
         let shared = self.shared.clone();
         let mut ipam = shared.ipam.lock().expect("ipam lock");
         let mut effects = Vec::new();
-        let deadline = Instant::now() + WAIT;
+        let now = Instant::now();
         match req {
-            Request::Allocate { id, subnet, reply } => {
-                let prefix = subnet.unwrap_or(ipam.default_subnet()).prefix_len();
-                match ipam.allocate(&id, subnet, &reach, &mut effects) {
-                    Ok(Outcome::Done(a)) => {
-                        let net = Ipv4Net::new(a, prefix).expect("valid prefix");
-                        replies.push(Box::new(move || {
-                            let _ = reply.send(Ok(net));
-                        }));
-                    }
-                    Ok(Outcome::Wait(_)) => {
-                        self.note_waiting(&ipam, subnet);
-                        self.waiting.push(Waiter::Allocate { id, subnet, deadline, reply });
-                    }
-                    Err(e) => replies.push(Box::new(move || {
-                        let _ = reply.send(Err(e.into()));
-                    })),
+            Request::Address { req, reply } => {
+                let waiter = Waiter { req, deadline: now + WAIT, reply };
+                if let Some(w) = attempt(&mut ipam, waiter, &reach, now, &mut effects, replies) {
+                    self.note_waiting(&ipam, w.req.subnet());
+                    self.waiting.push(w);
                 }
             }
-            Request::Claim { id, addr, reply } => match ipam.claim(&id, addr, &reach, &mut effects) {
-                Ok(Outcome::Done(())) => {
-                    let net = Ipv4Net::new(addr, claim_prefix(&ipam, addr)).expect("valid prefix");
-                    replies.push(Box::new(move || {
-                        let _ = reply.send(Ok(net));
-                    }));
-                }
-                Ok(Outcome::Wait(_)) => {
-                    self.note_waiting(&ipam, None);
-                    self.waiting.push(Waiter::Claim { id, addr, deadline, reply });
-                }
-                Err(e) => replies.push(Box::new(move || {
-                    let _ = reply.send(Err(e.into()));
-                })),
-            },
             Request::Release { id, reply } => {
                 let released = ipam.release(&id, &mut effects);
                 replies.push(Box::new(move || {
@@ -465,10 +470,7 @@ impl Actor {
                 }));
             }
             Request::Lookup { id, reply } => {
-                let prefix = ipam.default_subnet().prefix_len();
-                let nets: Vec<Ipv4Net> =
-                    ipam.lookup(&id).into_iter().map(|a| Ipv4Net::new(a, prefix).expect("prefix")).collect();
-                let _ = reply.send(nets);
+                let _ = reply.send(ipam.lookup_nets(&id));
             }
             Request::Status { reply } => {
                 drop(ipam);
@@ -513,7 +515,7 @@ impl Actor {
         }
     }
 
-    fn retry_waiting(&mut self, batch: &mut Batch, replies: &mut Vec<Box<dyn FnOnce() + Send>>) {
+    fn retry_waiting(&mut self, batch: &mut Batch, replies: &mut Replies) {
         if self.waiting.is_empty() {
             return;
         }
@@ -524,44 +526,7 @@ impl Actor {
         let now = Instant::now();
         let mut still = Vec::new();
         for w in std::mem::take(&mut self.waiting) {
-            match w {
-                Waiter::Allocate { id, subnet, deadline, reply } => {
-                    let prefix = subnet.unwrap_or(ipam.default_subnet()).prefix_len();
-                    match ipam.allocate(&id, subnet, &reach, &mut effects) {
-                        Ok(Outcome::Done(a)) => {
-                            let net = Ipv4Net::new(a, prefix).expect("prefix");
-                            replies.push(Box::new(move || {
-                                let _ = reply.send(Ok(net));
-                            }));
-                        }
-                        Ok(Outcome::Wait(why)) if now >= deadline => replies.push(Box::new(move || {
-                            let _ = reply.send(Err(IpamError::Timeout { after: WAIT, waiting_for: why }));
-                        })),
-                        Ok(Outcome::Wait(_)) => still.push(Waiter::Allocate { id, subnet, deadline, reply }),
-                        Err(e) => replies.push(Box::new(move || {
-                            let _ = reply.send(Err(e.into()));
-                        })),
-                    }
-                }
-                Waiter::Claim { id, addr, deadline, reply } => match ipam.claim(&id, addr, &reach, &mut effects) {
-                    Ok(Outcome::Done(())) => {
-                        let net = Ipv4Net::new(addr, claim_prefix(&ipam, addr)).expect("prefix");
-                        replies.push(Box::new(move || {
-                            let _ = reply.send(Ok(net));
-                        }));
-                    }
-                    Ok(Outcome::Wait(why)) if now >= deadline => {
-                        ipam.cancel_claim(addr);
-                        replies.push(Box::new(move || {
-                            let _ = reply.send(Err(IpamError::Timeout { after: WAIT, waiting_for: why }));
-                        }));
-                    }
-                    Ok(Outcome::Wait(_)) => still.push(Waiter::Claim { id, addr, deadline, reply }),
-                    Err(e) => replies.push(Box::new(move || {
-                        let _ = reply.send(Err(e.into()));
-                    })),
-                },
-            }
+            still.extend(attempt(&mut ipam, w, &reach, now, &mut effects, replies));
         }
         self.waiting = still;
         drop(ipam);
@@ -684,10 +649,4 @@ impl Actor {
             }
         }
     }
-}
-
-/// The prefix a claimed address gets: the default subnet's if it is inside it,
-/// else the whole range's.
-fn claim_prefix(ipam: &Ipam, addr: Ipv4Addr) -> u8 {
-    if ipam.default_subnet().contains(&addr) { ipam.default_subnet().prefix_len() } else { ipam.range().prefix_len() }
 }
