@@ -235,7 +235,7 @@ struct Running {
     discovery: Option<Task<crate::discovery::SourceError>>,
     programmer: Task<DatapathError>,
     dns: crate::dns::DnsService,
-    ipam: ipam_shim::IpamService,
+    ipam: crate::ipam::IpamService,
     mesh: mesh::Mesh,
 }
 
@@ -251,7 +251,7 @@ async fn start(
     // the flags fails here, before the data path exists.
     let table = crate::endpoints::register(&mut builder, mesh::now_micros());
     let (discovery_tx, discovery_rx) = watch::channel(None);
-    let ipam = ipam_shim::spawn(config.ipam_config(name), store.clone(), &mut builder, discovery_rx)?;
+    let ipam = crate::ipam::spawn(config.ipam_config(name), store.clone(), &mut builder, discovery_rx)?;
     let dns = crate::dns::spawn(config.dns.clone(), store.clone(), &mut builder)?;
     let dns_handle = dns.handle();
     for b in dns_bound {
@@ -501,50 +501,5 @@ async fn wait_for_stop(shutdown: &CancellationToken) {
         _ = shutdown.cancelled() => {}
         _ = term.recv() => info!("SIGTERM"),
         _ = int.recv() => info!("SIGINT"),
-    }
-}
-
-/// TEMPORARY until the IPAM refactor lands: the single-phase spawn over the old
-/// two-phase API.
-mod ipam_shim {
-    use std::collections::BTreeSet;
-    use std::net::Ipv4Addr;
-    use std::sync::Arc;
-
-    use tokio::sync::watch;
-    use tokio_util::sync::CancellationToken;
-
-    use crate::ipam::{IpamConfig, IpamError, IpamHandle};
-    use crate::mesh::MeshBuilder;
-    use crate::state::StateStore;
-    use crate::task::TaskError;
-
-    pub struct IpamService {
-        handle: IpamHandle,
-        cancel: CancellationToken,
-    }
-
-    impl IpamService {
-        pub fn handle(&self) -> IpamHandle {
-            self.handle.clone()
-        }
-
-        pub async fn shutdown(self) -> Result<(), TaskError<IpamError>> {
-            self.cancel.cancel();
-            Ok(())
-        }
-    }
-
-    pub fn spawn(
-        config: IpamConfig,
-        store: Arc<StateStore>,
-        mesh: &mut MeshBuilder,
-        discovery: watch::Receiver<Option<BTreeSet<Ipv4Addr>>>,
-    ) -> Result<IpamService, IpamError> {
-        let (gossiper, pending) = crate::ipam::open(&config, &store)?;
-        mesh.add_channel(crate::ipam::CHANNEL, gossiper);
-        let cancel = CancellationToken::new();
-        let handle = crate::ipam::spawn(config, pending, store, mesh.handle(), discovery, cancel.clone());
-        Ok(IpamService { handle, cancel })
     }
 }

@@ -1,43 +1,52 @@
 //! IPAM: every container an address, never the same one twice.
 //!
 //! The range is a ring of ranges owned by peers ([`ring`]); initial ownership is
-//! decided by agreement ([`paxos`]) or seeded; the state machine is [`core`].
-//! This module is its shell: an actor that batches requests, persists before it
-//! answers or gossips (group commit), talks to other peers over the mesh's
-//! `ipam` channel, and reclaims the space of peers that are gone for good.
+//! decided by agreement ([`paxos`]) or seeded; the state machine is [`core`] and
+//! the rules that decide whose space may be taken over are [`policy`] — all
+//! three pure. The I/O is in two private rooms: `gossiper` (what the mesh calls
+//! on the `ipam` channel) and `actor` (the task that batches requests, persists
+//! before it answers or gossips, and keeps the clocks).
+//!
+//! This file is the front door: the settings, the errors, the status, the
+//! [`IpamHandle`] other modules use and [`spawn`], which loads the state and
+//! starts the task. It holds no logic of its own.
 //!
 //! Reclaiming safely: a dead peer's ranges are taken over automatically only
 //! when (1) it has been unreachable for the grace period and is absent from
 //! discovery, (2) this peer can reach a strict majority of the peers owning
 //! space in the ring — at most one side of a partition can — and (3) this peer
 //! has the smallest name among the peers it reaches, so one peer on that side
-//! acts. Views can briefly disagree, so reclaimed ranges also settle before use:
-//! a second reclaimer's entries tie with ours at the same version, the ring's
-//! order picks one owner, and neither allocates from them until that is seen.
+//! acts (see [`policy::Reclaimer`]). Views can briefly disagree, so reclaimed
+//! ranges also settle before use: a second reclaimer's entries tie with ours,
+//! the ring's order picks one owner, and neither allocates from them until
+//! the settle period is over.
 //!
-//! Owns: address ownership and allocations. Uses the mesh. Must not touch: the
-//! data path, DNS, Docker.
+//! Owns: address ownership and allocations. Uses the mesh and the state file.
+//! Must not touch: the data path, DNS, Docker.
 
+mod actor;
 pub mod core;
+mod gossiper;
 pub mod paxos;
 pub mod policy;
 pub mod ring;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use serde::Serialize;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
 
-use self::core::{AddrRequest, AllocError, Effect, GossipState, Init, Ipam, Msg, Outcome, Persisted};
-use self::policy::Reclaimer;
-use crate::mesh::{GossipError, Gossiper, MeshHandle, MeshStatus, PeerName};
-use crate::state::StateStore;
+use self::actor::{Actor, Request};
+use self::core::{AddrRequest, AllocError, Init, Ipam, Persisted};
+use self::gossiper::{IpamGossiper, Shared};
+use crate::mesh::{MeshBuilder, PeerName};
+use crate::state::{StateError, StateStore};
+use crate::task::{Task, TaskError};
 
 /// The gossip channel's name.
 pub const CHANNEL: &str = "ipam";
@@ -45,21 +54,28 @@ pub const CHANNEL: &str = "ipam";
 const SECTION: &str = "ipam";
 /// How long an allocation or claim may wait (for agreement or space).
 pub const WAIT: Duration = Duration::from_secs(30);
-/// How long an unanswered space request is waited for before asking another peer.
-const ASK_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a stalled election waits before this peer proposes again.
-const REPROPOSE: Duration = Duration::from_secs(5);
-/// How long reclaimed ranges settle before they are allocated from.
+/// How long reclaimed ranges settle before they are allocated from: long
+/// enough for gossip to carry a second reclaimer's entries across the majority
+/// side (a few rounds of the mesh's gossip), short enough not to be noticed.
 pub const SETTLE: Duration = Duration::from_secs(3);
 /// The default grace period before a gone peer's space is reclaimed.
 pub const DEFAULT_RECLAIM_AFTER: Duration = Duration::from_secs(30 * 60);
+/// Requests queued for the actor before askers wait for room.
+const QUEUE: usize = 4096;
+/// How long [`IpamService::shutdown`] waits for the task: longer than the
+/// retries of a failing state write (about 3 s), so a stop does not cut one.
+const STOP_WITHIN: Duration = Duration::from_secs(5);
 
 /// Settings of IPAM.
 #[derive(Debug, Clone)]
 pub struct IpamConfig {
+    /// This peer.
     pub me: PeerName,
+    /// The whole overlay range (`--ipalloc-range`).
     pub range: Ipv4Net,
+    /// Where addresses come from unless a subnet is asked for (`--ipalloc-default-subnet`).
     pub default_subnet: Ipv4Net,
+    /// How initial ownership is decided (`--ipalloc-init`).
     pub init: Init,
     /// Reclaim the space of peers gone this long (None: only `weft rmpeer`).
     pub reclaim_after: Option<Duration>,
@@ -70,12 +86,12 @@ pub struct IpamConfig {
 pub enum IpamError {
     /// The state file could not be read at start.
     #[error(transparent)]
-    State(#[from] crate::state::StateError),
+    State(#[from] StateError),
     #[error("the state directory holds addresses from range {saved}, but --ipalloc-range is {given}: launch with the same range, or `weft reset` this peer first")]
     RangeChanged { saved: Ipv4Net, given: Ipv4Net },
     #[error("--ipalloc-default-subnet {subnet} is not inside --ipalloc-range {range}")]
     SubnetOutside { subnet: Ipv4Net, range: Ipv4Net },
-    #[error("IPAM has stopped")]
+    #[error("IPAM has stopped (the agent is stopping, or IPAM failed: see its log)")]
     Stopped,
     #[error(transparent)]
     Alloc(#[from] AllocError),
@@ -89,6 +105,18 @@ pub enum IpamError {
     UnknownPeer { given: String, known: Vec<PeerName> },
     #[error("{count} addresses are still allocated here; detach the containers first")]
     StillAllocated { count: usize },
+    /// A state write kept failing: IPAM stopped rather than answer with state
+    /// a restart would forget.
+    #[error("cannot save the IPAM state ({source}), so IPAM stopped rather than hand out addresses a restart would forget: free space or fix the state directory, then restart weft")]
+    Persist {
+        #[source]
+        source: StateError,
+    },
+    #[error("saving the IPAM state did not finish ({source}); a bug if it panicked: please report it with the log")]
+    PersistAborted {
+        #[source]
+        source: tokio::task::JoinError,
+    },
 }
 
 impl IpamError {
@@ -100,7 +128,12 @@ impl IpamError {
     /// 503 for the first, 400 for the second.
     pub fn is_retryable(&self) -> bool {
         match self {
-            IpamError::Stopped | IpamError::Timeout { .. } | IpamError::State(_) => true,
+            // This agent's own condition, not the request's.
+            IpamError::Stopped
+            | IpamError::Timeout { .. }
+            | IpamError::State(_)
+            | IpamError::Persist { .. }
+            | IpamError::PersistAborted { .. } => true,
             IpamError::Alloc(e) => match e {
                 AllocError::Exhausted(_) | AllocError::OwnerUnreachable { .. } | AllocError::NoRing => true,
                 AllocError::OutsideRange { .. }
@@ -151,75 +184,8 @@ pub struct IpamStatus {
     pub allocations: BTreeMap<String, Vec<Ipv4Addr>>,
 }
 
-enum Request {
-    Address { req: AddrRequest, reply: oneshot::Sender<Result<Ipv4Net, IpamError>> },
-    Release { id: String, reply: oneshot::Sender<Vec<Ipv4Addr>> },
-    Lookup { id: String, reply: oneshot::Sender<Vec<Ipv4Net>> },
-    Status { reply: oneshot::Sender<IpamStatus> },
-    RmPeer { peer: String, reply: oneshot::Sender<Result<u64, IpamError>> },
-    GiveAway { reply: oneshot::Sender<Result<u64, IpamError>> },
-}
-
-/// What the mesh's callbacks share with the actor.
-struct Shared {
-    ipam: Mutex<Ipam>,
-    /// The gossip handler found something to persist or pass on.
-    dirty: Notify,
-    /// ... and our own state changed in a way the peers must hear (Paxos).
-    gossip_due: std::sync::atomic::AtomicBool,
-    unicasts: mpsc::UnboundedSender<(PeerName, Msg)>,
-    conflict: Mutex<Option<String>>,
-}
-
-/// The mesh side of IPAM.
-pub struct IpamGossiper(Arc<Shared>);
-
-impl Gossiper for IpamGossiper {
-    fn full_state(&self) -> Vec<u8> {
-        let state = self.0.ipam.lock().expect("ipam lock").gossip_state();
-        postcard::to_stdvec(&state).expect("state encodes")
-    }
-
-    fn on_gossip(&self, from: PeerName, update: &[u8]) -> Result<Option<Vec<u8>>, GossipError> {
-        let state: GossipState = postcard::from_bytes(update)
-            .map_err(|e| GossipError::Decode { channel: CHANNEL.into(), detail: e.to_string() })?;
-        let mut ipam = self.0.ipam.lock().expect("ipam lock");
-        let mut effects = Vec::new();
-        match ipam.on_gossip(&state, &mut effects) {
-            Ok(changed) => {
-                let forward = changed.then(|| postcard::to_stdvec(&ipam.gossip_state()).expect("state encodes"));
-                drop(ipam);
-                if effects.contains(&Effect::Gossip) {
-                    self.0.gossip_due.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                if changed || !effects.is_empty() {
-                    self.0.dirty.notify_one();
-                }
-                Ok(forward)
-            }
-            Err(e) => {
-                let msg = format!("refusing the address space of peer {from}: {e}");
-                warn!("{msg}");
-                *self.0.conflict.lock().expect("conflict lock") = Some(msg);
-                Err(GossipError::Rejected { channel: CHANNEL.into(), detail: e.to_string() })
-            }
-        }
-    }
-
-    fn on_unicast(&self, src: PeerName, msg: &[u8]) -> Result<(), GossipError> {
-        let msg: Msg = postcard::from_bytes(msg)
-            .map_err(|e| GossipError::Decode { channel: CHANNEL.into(), detail: e.to_string() })?;
-        let _ = self.0.unicasts.send((src, msg));
-        Ok(())
-    }
-
-    fn on_peers_gone(&self, _peers: &[PeerName]) {
-        self.0.dirty.notify_one();
-    }
-}
-
-/// The handle other modules use.
-#[derive(Clone)]
+/// The handle other modules use: requests to the IPAM task.
+#[derive(Clone, Debug)]
 pub struct IpamHandle {
     tx: mpsc::Sender<Request>,
 }
@@ -268,385 +234,179 @@ impl IpamHandle {
     }
 }
 
-/// Loads (or creates) the IPAM state; returns the gossiper for the mesh and the
-/// parts the actor needs once the mesh is up.
-pub fn open(config: &IpamConfig, store: &StateStore) -> Result<(Arc<dyn Gossiper>, Pending), IpamError> {
+/// Loads the saved state, or starts afresh; refuses settings that contradict it.
+fn load(config: &IpamConfig, store: &StateStore) -> Result<Ipam, IpamError> {
     if !config.range.contains(&config.default_subnet) {
         return Err(IpamError::SubnetOutside { subnet: config.default_subnet, range: config.range });
     }
-    let ipam = match store.section::<Persisted>(SECTION)? {
+    Ok(match store.section::<Persisted>(SECTION)? {
         Some(saved) if saved.ring.range != config.range.trunc() => {
             return Err(IpamError::RangeChanged { saved: saved.ring.range, given: config.range });
         }
         Some(saved) => Ipam::restore(config.me, config.default_subnet, config.init.clone(), saved),
         None => Ipam::new(config.me, config.range, config.default_subnet, config.init.clone()),
-    };
-    let (utx, urx) = mpsc::unbounded_channel();
-    let shared = Arc::new(Shared {
-        ipam: Mutex::new(ipam),
-        dirty: Notify::new(),
-        gossip_due: std::sync::atomic::AtomicBool::new(false),
-        unicasts: utx,
-        conflict: Mutex::new(None),
-    });
-    Ok((Arc::new(IpamGossiper(shared.clone())), Pending { shared, unicasts: urx }))
+    })
 }
 
-/// What [`open`] prepared for [`spawn`].
-pub struct Pending {
-    shared: Arc<Shared>,
-    unicasts: mpsc::UnboundedReceiver<(PeerName, Msg)>,
-}
-
-/// Starts the actor.
+/// Starts IPAM: loads (or creates) its state, registers the `ipam` gossip
+/// channel on `mesh` (so it exists before the first connection), and spawns
+/// its task. Fails before anything is registered or spawned if the settings
+/// contradict the saved state. `discovery` lists the underlay addresses the
+/// discovery source sees (`None` when none runs), for the reclaim rule.
 pub fn spawn(
     config: IpamConfig,
-    pending: Pending,
     store: Arc<StateStore>,
-    mesh: MeshHandle,
+    mesh: &mut MeshBuilder,
     discovery: watch::Receiver<Option<BTreeSet<Ipv4Addr>>>,
-    cancel: CancellationToken,
-) -> IpamHandle {
-    let (tx, rx) = mpsc::channel(4096);
-    let reclaimer = config.reclaim_after.map(Reclaimer::new);
-    let actor = Actor {
-        config,
-        shared: pending.shared,
-        store,
-        mesh,
-        discovery,
-        waiting: Vec::new(),
-        asked_at: BTreeMap::new(),
-        reclaimer,
-        election_started: None,
-        settle_at: None,
-    };
-    tokio::spawn(actor.run(rx, pending.unicasts, cancel));
-    IpamHandle { tx }
+) -> Result<IpamService, IpamError> {
+    let ipam = load(&config, &store)?;
+    let (shared, unicasts) = Shared::new(ipam);
+    mesh.add_channel(CHANNEL, Arc::new(IpamGossiper(shared.clone())));
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let actor = Actor::new(config, shared, store, mesh.handle(), discovery);
+    let task = Task::spawn("ipam", tracing::info_span!("ipam"), CancellationToken::new(), move |cancel| {
+        actor.run(rx, unicasts, cancel)
+    });
+    Ok(IpamService { handle: IpamHandle { tx }, task })
 }
 
-/// An address request waiting for agreement, space or an owner's answer.
-struct Waiter {
-    req: AddrRequest,
-    deadline: Instant,
-    reply: oneshot::Sender<Result<Ipv4Net, IpamError>>,
+/// The running IPAM; its owner stops it. Dropped without [`IpamService::shutdown`],
+/// the task still ends once every [`IpamHandle`] is gone.
+#[derive(Debug)]
+pub struct IpamService {
+    handle: IpamHandle,
+    task: Task<IpamError>,
 }
 
-/// Answers to send once the batch is on disk.
-type Replies = Vec<Box<dyn FnOnce() + Send>>;
+impl IpamService {
+    /// A handle for the other subsystems.
+    pub fn handle(&self) -> IpamHandle {
+        self.handle.clone()
+    }
 
-/// Tries `w` once ([`Ipam::try_request`]); answers it if it is done, failed or
-/// out of time, else hands it back to wait on. Both a new request and a
-/// waiting one go through here.
-fn attempt(
-    ipam: &mut Ipam,
-    w: Waiter,
-    reach: &BTreeSet<PeerName>,
-    now: Instant,
-    effects: &mut Vec<Effect>,
-    replies: &mut Replies,
-) -> Option<Waiter> {
-    let answer = match ipam.try_request(&w.req, reach, effects) {
-        Ok(Outcome::Done(net)) => Ok(net),
-        Ok(Outcome::Wait(why)) if now >= w.deadline => {
-            ipam.give_up(&w.req);
-            Err(IpamError::Timeout { after: WAIT, waiting_for: why })
-        }
-        Ok(Outcome::Wait(_)) => return Some(w),
-        Err(e) => Err(e.into()),
-    };
-    let reply = w.reply;
-    replies.push(Box::new(move || {
-        let _ = reply.send(answer);
-    }));
-    None
-}
-
-struct Actor {
-    config: IpamConfig,
-    shared: Arc<Shared>,
-    store: Arc<StateStore>,
-    mesh: MeshHandle,
-    discovery: watch::Receiver<Option<BTreeSet<Ipv4Addr>>>,
-    waiting: Vec<Waiter>,
-    asked_at: BTreeMap<Ipv4Net, Instant>,
-    /// The automatic reclaim rule and its clocks (None: only `weft rmpeer`).
-    reclaimer: Option<Reclaimer>,
-    election_started: Option<Instant>,
-    settle_at: Option<Instant>,
-}
-
-/// Effects gathered over a batch.
-#[derive(Default)]
-struct Batch {
-    persist: bool,
-    gossip: bool,
-    unicasts: Vec<(PeerName, Msg)>,
-}
-
-impl Batch {
-    fn add(&mut self, effects: Vec<Effect>) {
-        for e in effects {
-            match e {
-                Effect::Persist => self.persist = true,
-                Effect::Gossip => self.gossip = true,
-                Effect::Unicast(p, m) => self.unicasts.push((p, m)),
-            }
-        }
+    /// Stops the task and returns how it ended: its error if a state write
+    /// kept failing ([`IpamError::Persist`]), a panic, or a stop that took
+    /// longer than a few seconds. Requests still waiting are answered
+    /// [`IpamError::Stopped`].
+    pub async fn shutdown(self) -> Result<(), TaskError<IpamError>> {
+        self.task.shutdown_within(STOP_WITHIN).await
     }
 }
 
-fn reachable(status: &MeshStatus, me: PeerName) -> BTreeSet<PeerName> {
-    status.routes.keys().copied().chain([me]).collect()
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::MeshConfig;
 
-impl Actor {
-    async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Request>,
-        mut unicasts: mpsc::UnboundedReceiver<(PeerName, Msg)>,
-        cancel: CancellationToken,
-    ) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let shared = self.shared.clone();
-        loop {
-            let mut batch = Batch::default();
-            let mut replies: Replies = Vec::new();
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                r = rx.recv() => match r {
-                    Some(req) => {
-                        self.request(req, &mut batch, &mut replies);
-                        // Group commit: everything ready goes into one write.
-                        for _ in 0..1024 {
-                            match rx.try_recv() {
-                                Ok(req) => self.request(req, &mut batch, &mut replies),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    None => break,
-                },
-                Some((src, msg)) = unicasts.recv() => {
-                    let mut effects = Vec::new();
-                    self.shared.ipam.lock().expect("ipam lock").on_unicast(src, msg, &mut effects);
-                    batch.add(effects);
-                }
-                _ = shared.dirty.notified() => {
-                    // Gossip merged something: it may be a decided ring or a
-                    // donation; it is persisted with the next write.
-                    batch.persist = true;
-                    batch.gossip = shared.gossip_due.swap(false, std::sync::atomic::Ordering::Relaxed);
-                }
-                _ = tick.tick() => self.tick(&mut batch),
-            }
-            self.retry_waiting(&mut batch, &mut replies);
-            self.flush(batch).await;
-            for reply in replies {
-                reply();
-            }
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().expect("a valid network")
+    }
+
+    fn config(range: &str) -> IpamConfig {
+        IpamConfig {
+            me: PeerName::new(0x0200_0000_0001),
+            range: net(range),
+            default_subnet: net(range),
+            init: Init::Consensus(1),
+            reclaim_after: None,
         }
     }
 
-    fn request(&mut self, req: Request, batch: &mut Batch, replies: &mut Replies) {
-        let status = self.mesh.status().borrow().clone();
-        let reach = reachable(&status, self.config.me);
-        let shared = self.shared.clone();
-        let mut ipam = shared.ipam.lock().expect("ipam lock");
-        let mut effects = Vec::new();
-        let now = Instant::now();
-        match req {
-            Request::Address { req, reply } => {
-                let waiter = Waiter { req, deadline: now + WAIT, reply };
-                if let Some(w) = attempt(&mut ipam, waiter, &reach, now, &mut effects, replies) {
-                    self.note_waiting(&ipam, w.req.subnet());
-                    self.waiting.push(w);
-                }
-            }
-            Request::Release { id, reply } => {
-                let released = ipam.release(&id, &mut effects);
-                replies.push(Box::new(move || {
-                    let _ = reply.send(released);
-                }));
-            }
-            Request::Lookup { id, reply } => {
-                let _ = reply.send(ipam.lookup_nets(&id));
-            }
-            Request::Status { reply } => {
-                drop(ipam);
-                let s = self.status(&status);
-                let _ = reply.send(s);
-                return;
-            }
-            Request::RmPeer { peer, reply } => {
-                let nicknames = status.peers.iter().map(|p| (p.name, p.nickname.as_str()));
-                let owners = ipam.ring().ownership().into_keys();
-                let target = policy::rmpeer_target(&peer, self.config.me, &reach, nicknames, owners);
-                let result = target.map(|dead| {
-                    let moved = ipam.reclaim(dead, &mut effects);
-                    info!(peer = %dead, addresses = moved, "took over a removed peer's addresses");
-                    moved
-                });
-                if result.as_ref().is_ok_and(|m| *m > 0) {
-                    self.settle_at = Some(Instant::now() + SETTLE);
-                }
-                replies.push(Box::new(move || {
-                    let _ = reply.send(result);
-                }));
-            }
-            Request::GiveAway { reply } => {
-                let heir = policy::heir(self.config.me, &reach, &ipam.ring().ownership(), ipam.used());
-                let result = heir.map(|heir| heir.map_or(0, |heir| ipam.give_all(heir, &mut effects)));
-                replies.push(Box::new(move || {
-                    let _ = reply.send(result);
-                }));
-            }
-        }
-        drop(ipam);
-        batch.add(effects);
+    fn temp_dir(what: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("weft-ipam-{what}-{}-{}", std::process::id(), rand::random::<u32>()))
     }
 
-    fn note_waiting(&mut self, ipam: &Ipam, subnet: Option<Ipv4Net>) {
-        if ipam.ring().is_empty() {
-            self.election_started.get_or_insert_with(Instant::now);
-        } else {
-            let subnet = subnet.unwrap_or(ipam.default_subnet()).trunc();
-            self.asked_at.entry(subnet).or_insert_with(Instant::now);
-        }
+    async fn builder() -> MeshBuilder {
+        let mut mesh = MeshConfig::new(PeerName::new(0x0200_0000_0001), "test");
+        mesh.listen = "127.0.0.1:0".parse().expect("an address");
+        MeshBuilder::bind(mesh).await.expect("bind port 0")
     }
 
-    fn retry_waiting(&mut self, batch: &mut Batch, replies: &mut Replies) {
-        if self.waiting.is_empty() {
-            return;
-        }
-        let status = self.mesh.status().borrow().clone();
-        let reach = reachable(&status, self.config.me);
-        let mut ipam = self.shared.ipam.lock().expect("ipam lock");
-        let mut effects = Vec::new();
-        let now = Instant::now();
-        let mut still = Vec::new();
-        for w in std::mem::take(&mut self.waiting) {
-            still.extend(attempt(&mut ipam, w, &reach, now, &mut effects, replies));
-        }
-        self.waiting = still;
-        drop(ipam);
-        batch.add(effects);
+    fn no_discovery() -> watch::Receiver<Option<BTreeSet<Ipv4Addr>>> {
+        watch::channel(None).1
     }
 
-    fn tick(&mut self, batch: &mut Batch) {
-        let status = self.mesh.status().borrow().clone();
-        let reach = reachable(&status, self.config.me);
-        if let Some(reclaimer) = &mut self.reclaimer {
-            for p in &status.peers {
-                if let Some(a) = p.data_addr {
-                    reclaimer.saw_address(p.name, a);
-                }
-            }
-        }
-        let shared = self.shared.clone();
-        let mut ipam = shared.ipam.lock().expect("ipam lock");
-        let mut effects = Vec::new();
-        if ipam.refresh_free() {
-            effects.push(Effect::Persist);
-            effects.push(Effect::Gossip);
-        }
-        // An election that stalls (its proposer went away) is restarted.
-        if ipam.ring().is_empty() && !self.waiting.is_empty() {
-            if self.election_started.is_some_and(|t| t.elapsed() > REPROPOSE) {
-                ipam.repropose(&mut effects);
-                self.election_started = Some(Instant::now());
-            }
-        } else {
-            self.election_started = None;
-        }
-        // A peer that never answered a space request: ask another.
-        let now = Instant::now();
-        for (subnet, at) in std::mem::take(&mut self.asked_at) {
-            if now.duration_since(at) > ASK_TIMEOUT {
-                ipam.cancel_ask(subnet);
-            } else {
-                self.asked_at.insert(subnet, at);
-            }
-        }
-        if self.settle_at.is_some_and(|t| now >= t) {
-            ipam.settle();
-            self.settle_at = None;
-        }
-        self.auto_reclaim(&mut ipam, &reach, &mut effects);
-        drop(ipam);
-        batch.add(effects);
+    #[tokio::test]
+    async fn spawn_serves_persists_and_shuts_down_cleanly() {
+        let dir = temp_dir("spawn");
+        let store = Arc::new(StateStore::open(&dir).expect("state dir"));
+        let mut b = builder().await;
+        let service = spawn(config("10.32.0.0/24"), store.clone(), &mut b, no_discovery()).expect("spawn");
+        let mesh = b.start();
+        let ipam = service.handle();
+        let got = ipam.allocate("c1", None).await.expect("a lone peer with consensus=1 decides alone");
+        assert_eq!(got, net("10.32.0.1/24"));
+        assert!(service.shutdown().await.is_ok(), "a clean stop");
+        assert!(matches!(ipam.lookup("c1").await, Err(IpamError::Stopped)), "handles outlive the task, and say so");
+        mesh.leave().await.expect("mesh stops");
+
+        // A second start resumes the allocation from the state file.
+        let mut b = builder().await;
+        let service = spawn(config("10.32.0.0/24"), store.clone(), &mut b, no_discovery()).expect("respawn");
+        let mesh = b.start();
+        assert_eq!(service.handle().lookup("c1").await.expect("lookup"), vec![got]);
+        assert!(service.shutdown().await.is_ok());
+        mesh.leave().await.expect("mesh stops");
+
+        // Settings the saved state contradicts are refused at spawn, before any task runs.
+        let mut b = builder().await;
+        let err = spawn(config("10.40.0.0/24"), store.clone(), &mut b, no_discovery()).unwrap_err();
+        assert!(matches!(err, IpamError::RangeChanged { .. }) && !err.is_retryable(), "{err}");
+        assert!(err.to_string().contains("--ipalloc-range"), "{err}");
+        let mut outside = config("10.32.0.0/24");
+        outside.default_subnet = net("10.99.0.0/24");
+        let err = spawn(outside, store, &mut b, no_discovery()).unwrap_err();
+        assert!(matches!(err, IpamError::SubnetOutside { .. }), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
-    /// The automatic reclaim rule ([`policy::Reclaimer`]): this shell only
-    /// passes the time and what it sees, and applies the decision.
-    fn auto_reclaim(&mut self, ipam: &mut Ipam, reach: &BTreeSet<PeerName>, effects: &mut Vec<Effect>) {
-        let Some(reclaimer) = &mut self.reclaimer else { return };
-        let now = Instant::now();
-        let owners: BTreeSet<PeerName> = ipam.ring().ownership().into_keys().collect();
-        let discovered = self.discovery.borrow().clone();
-        let view = policy::View { now, me: self.config.me, owners: &owners, reachable: reach, discovered: discovered.as_ref() };
-        for p in reclaimer.due(&view) {
-            let moved = ipam.reclaim(p, effects);
-            if moved > 0 {
-                let grace = reclaimer.grace();
-                info!(peer = %p, addresses = moved, "reclaimed the address space of a peer gone longer than {grace:?}");
-                self.settle_at = Some(now + SETTLE);
+    #[tokio::test]
+    async fn a_state_write_that_keeps_failing_stops_ipam_with_its_error() {
+        let dir = temp_dir("persist");
+        let store = Arc::new(StateStore::open(&dir).expect("state dir"));
+        let mut b = builder().await;
+        let service = spawn(config("10.32.0.0/24"), store, &mut b, no_discovery()).expect("spawn");
+        let mesh = b.start();
+        // The state directory vanishes: no write can succeed (root ignores modes).
+        std::fs::remove_dir_all(&dir).expect("remove the state dir");
+        let err = service.handle().allocate("c1", None).await.unwrap_err();
+        assert!(matches!(err, IpamError::Stopped), "never answered with an address that is not on disk: {err}");
+        match service.shutdown().await {
+            Err(TaskError::Failed(IpamError::Persist { source })) => {
+                assert!(source.to_string().contains(&dir.display().to_string()), "{source}")
             }
+            other => panic!("the write error comes back through shutdown: {other:?}"),
         }
+        mesh.leave().await.expect("mesh stops");
     }
 
-    fn status(&self, mesh: &MeshStatus) -> IpamStatus {
-        let reach = reachable(mesh, self.config.me);
-        let ipam = self.shared.ipam.lock().expect("ipam lock");
-        let owned = ipam.ring().ownership();
-        let free = ipam.ring().free_by_peer();
-        let total: u64 = owned.values().sum();
-        let unreachable: u64 = owned.iter().filter(|(p, _)| !reach.contains(p)).map(|(_, n)| n).sum();
-        let nick = |p: &PeerName| mesh.peers.iter().find(|s| s.name == *p).map(|s| s.nickname.clone());
-        IpamStatus {
-            range: ipam.range(),
-            default_subnet: ipam.default_subnet(),
-            waiting_for: ipam.waiting_for().to_string(),
-            consensus: ipam.consensus(),
-            used: ipam.used(),
-            peers: owned
-                .iter()
-                .map(|(p, n)| PeerSpace {
-                    peer: *p,
-                    nickname: nick(p),
-                    owned: *n,
-                    free: free.get(p).copied().unwrap_or(0),
-                    reachable: reach.contains(p),
-                })
-                .collect(),
-            unreachable_percent: if total == 0 { 0.0 } else { 100.0 * unreachable as f64 / total as f64 },
-            conflict: self.shared.conflict.lock().expect("conflict lock").clone(),
-            allocations: ipam.allocations(),
+    #[test]
+    fn retryable_errors_are_the_ones_that_pass() {
+        let peer = PeerName::new(0x0200_0000_0002);
+        let addr = Ipv4Addr::new(10, 32, 0, 5);
+        let subnet = net("10.32.0.0/24");
+        for e in [
+            IpamError::Stopped,
+            IpamError::Timeout { after: WAIT, waiting_for: "agreement on the address space" },
+            IpamError::Alloc(AllocError::Exhausted(subnet)),
+            IpamError::Alloc(AllocError::OwnerUnreachable { addr, peer }),
+            IpamError::Alloc(AllocError::NoRing),
+        ] {
+            assert!(e.is_retryable(), "{e}");
         }
-    }
-
-    async fn flush(&mut self, batch: Batch) {
-        if batch.persist || batch.gossip {
-            let (persisted, state) = {
-                let ipam = self.shared.ipam.lock().expect("ipam lock");
-                (ipam.persisted(), ipam.gossip_state())
-            };
-            if batch.persist {
-                let store = self.store.clone();
-                let written = tokio::task::spawn_blocking(move || store.set_section(SECTION, &persisted)).await;
-                if let Err(e) = written.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-                    warn!(error = %e, "cannot save the IPAM state");
-                }
-            }
-            if batch.gossip {
-                let _ = self.mesh.gossip(CHANNEL, postcard::to_stdvec(&state).expect("state encodes")).await;
-            }
-        }
-        for (peer, msg) in batch.unicasts {
-            let bytes = postcard::to_stdvec(&msg).expect("messages encode");
-            if let Err(e) = self.mesh.unicast(CHANNEL, peer, bytes).await {
-                warn!(%peer, error = %e, "cannot reach a peer for IPAM");
-            }
+        for e in [
+            IpamError::Alloc(AllocError::OutsideRange { subnet, range: subnet }),
+            IpamError::Alloc(AllocError::InUse { addr, by: "c1".into() }),
+            IpamError::Alloc(AllocError::Reserved { addr, subnet }),
+            IpamError::Alloc(AllocError::ClaimRefused { addr, peer, reason: "it is in use by c1".into() }),
+            IpamError::PeerReachable { peer },
+            IpamError::RmpeerSelf,
+            IpamError::UnknownPeer { given: "x".into(), known: vec![peer] },
+            IpamError::StillAllocated { count: 2 },
+            IpamError::RangeChanged { saved: subnet, given: net("10.40.0.0/24") },
+            IpamError::SubnetOutside { subnet, range: subnet },
+        ] {
+            assert!(!e.is_retryable(), "{e}");
         }
     }
 }
