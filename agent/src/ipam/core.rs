@@ -99,6 +99,8 @@ pub enum AllocError {
     ClaimRefused { addr: Ipv4Addr, peer: PeerName, reason: String },
     #[error("this peer is an observer and no one has decided the address space yet")]
     NoRing,
+    #[error("no peer owns {addr} in this peer's ring (its state file was damaged or edited): `weft reset` this peer")]
+    Unowned { addr: Ipv4Addr },
 }
 
 /// An operation's result: done, or wait (for space, or for agreement).
@@ -215,8 +217,12 @@ impl Ipam {
         if !saved.ring.is_empty() {
             ipam.ring = saved.ring;
             ipam.paxos = None;
-        } else if let (Some(p), Some(saved)) = (&mut ipam.paxos, saved.paxos) {
+        } else if let (Some(p), Some(saved)) = (&mut ipam.paxos, saved.paxos)
+            && saved.is_for(me)
+        {
             // Promises must survive a restart: an acceptor never votes twice.
+            // (Votes saved under another name, or without this peer's own
+            // claims, are not this acceptor's: it starts afresh.)
             *p = saved;
         }
         for (id, addrs) in saved.allocations {
@@ -549,7 +555,9 @@ impl Ipam {
         if self.ring.is_empty() {
             return Ok(Outcome::Wait("agreement on the address space"));
         }
-        let owner = self.ring.owner_of(a).expect("a decided ring covers its range");
+        // A decided ring covers its range (gossip that does not is refused);
+        // only a damaged state file can leave an address without an owner.
+        let Some(owner) = self.ring.owner_of(a) else { return Err(AllocError::Unowned { addr }) };
         if owner == self.me {
             self.record(id, a);
             out.push(Effect::Persist);
@@ -937,6 +945,29 @@ mod tests {
         assert_eq!(with_prefix(Ipv4Addr::new(10, 32, 5, 7), net("10.32.0.0/12")), net("10.32.5.7/12"));
         assert_eq!(with_prefix(Ipv4Addr::new(10, 32, 5, 7), net("10.32.5.7/32")), net("10.32.5.7/32"));
         assert_eq!(with_prefix(Ipv4Addr::new(10, 32, 5, 7), net("0.0.0.0/0")), net("10.32.5.7/0"));
+    }
+
+    #[test]
+    fn restore_keeps_its_own_votes_but_not_another_peers() {
+        let range = net("10.32.0.0/24");
+        let theirs = Ipam::new(p(1), range, range, Init::Consensus(3)).persisted();
+        assert_eq!(Ipam::restore(p(1), range, Init::Consensus(5), theirs.clone()).consensus(), Some((1, 2)), "its own votes, quorum and all");
+        assert_eq!(Ipam::restore(p(0), range, Init::Consensus(5), theirs).consensus(), Some((1, 3)), "another name's votes are not this acceptor's");
+    }
+
+    #[test]
+    fn a_claim_in_a_ring_with_a_hole_is_refused_not_a_panic() {
+        let range = net("10.32.0.0/24");
+        let mut ring = Ring::new(range);
+        ring.claim_for_peers(&[p(0), p(1)]);
+        // A hand-edited state file: the first token is gone.
+        let mut json = serde_json::to_value(&ring).unwrap();
+        json["entries"].as_object_mut().unwrap().remove(&u32::from(range.network()).to_string());
+        let ring: Ring = serde_json::from_value(json).unwrap();
+        let saved = Persisted { ring, allocations: BTreeMap::new(), paxos: None };
+        let mut ipam = Ipam::restore(p(0), range, Init::Consensus(2), saved);
+        let err = ipam.claim("x", Ipv4Addr::new(10, 32, 0, 3), &[p(0)].into(), &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, AllocError::Unowned { .. }), "{err}");
     }
 
     #[test]

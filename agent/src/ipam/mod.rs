@@ -120,12 +120,13 @@ pub enum IpamError {
 }
 
 impl IpamError {
-    /// Whether the same request may succeed later, unchanged: true for
-    /// conditions of the cluster or of this agent that pass (agreement pending,
-    /// a peer away or not yet joined, no space yet, IPAM stopping), false for
-    /// the caller's own mistakes (a bad address or subnet, an address in use, a
-    /// live peer to rmpeer) and launch flags that must change. The API answers
-    /// 503 for the first, 400 for the second.
+    /// Whether the same request may succeed later, unchanged: true when the
+    /// request is fine and the condition is IPAM's — most pass on their own
+    /// (agreement pending, a peer away or not yet joined, no space yet, IPAM
+    /// stopping), a few need the operator (a state file that cannot be written
+    /// or was damaged); false for the caller's own mistakes (a bad address or
+    /// subnet, an address in use, a live peer to rmpeer) and for launch flags
+    /// that must change. The API answers 503 for the first, 400 for the second.
     pub fn is_retryable(&self) -> bool {
         match self {
             // This agent's own condition, not the request's.
@@ -135,7 +136,10 @@ impl IpamError {
             | IpamError::Persist { .. }
             | IpamError::PersistAborted { .. } => true,
             IpamError::Alloc(e) => match e {
-                AllocError::Exhausted(_) | AllocError::OwnerUnreachable { .. } | AllocError::NoRing => true,
+                AllocError::Exhausted(_)
+                | AllocError::OwnerUnreachable { .. }
+                | AllocError::NoRing
+                | AllocError::Unowned { .. } => true,
                 AllocError::OutsideRange { .. }
                 | AllocError::InUse { .. }
                 | AllocError::Reserved { .. }

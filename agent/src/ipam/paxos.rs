@@ -52,13 +52,20 @@ impl Paxos {
         Paxos { me, quorum: n / 2 + 1, claims: BTreeMap::from([(me, own)]) }
     }
 
+    /// Whether this is `me`'s state, with `me`'s own claims (the invariant
+    /// [`Paxos::new`] sets up and every method relies on): a saved state is
+    /// restored only if it is.
+    pub fn is_for(&self, me: PeerName) -> bool {
+        self.me == me && self.claims.contains_key(&me)
+    }
+
     /// How many votes make a quorum.
     pub fn quorum(&self) -> usize {
         self.quorum
     }
 
     fn own(&mut self) -> &mut Claims {
-        self.claims.get_mut(&self.me).expect("own claims")
+        self.claims.get_mut(&self.me).expect("own claims: Paxos::new puts them there, merge never replaces them, restore checks is_for")
     }
 
     fn bump(&mut self) {

@@ -42,6 +42,8 @@ pub enum RingError {
     RangeMismatch { ours: Ipv4Net, theirs: Ipv4Net },
     #[error("the peer's ring changes our range at {token} (it says {owner} owns it); peers launched with a different --ipalloc-init (seed or consensus group) or a different history cannot share addresses — reset one side")]
     Conflict { token: std::net::Ipv4Addr, owner: PeerName },
+    #[error("the peer's ring does not cover the address range {range} from its start (a bug or a damaged state file on that peer): `weft reset` it")]
+    Malformed { range: Ipv4Net },
 }
 
 /// The ring over one address range.
@@ -134,6 +136,10 @@ impl Ring {
     pub fn check(&self, other: &Ring, me: PeerName) -> Result<(), RingError> {
         if other.range != self.range {
             return Err(RingError::RangeMismatch { ours: self.range, theirs: other.range });
+        }
+        // Every address must have an owner once the ring is decided.
+        if !other.covers_range() {
+            return Err(RingError::Malformed { range: self.range });
         }
         if self.entries.is_empty() {
             return Ok(());
@@ -338,6 +344,19 @@ mod tests {
         let mut other_range = Ring::new("10.40.0.0/24".parse().unwrap());
         other_range.claim_for_peers(&[p(0)]);
         assert!(matches!(a.check(&other_range, p(0)), Err(RingError::RangeMismatch { .. })));
+    }
+
+    #[test]
+    fn a_ring_that_leaves_addresses_unowned_is_refused() {
+        let mut good = Ring::new(range());
+        good.claim_for_peers(&[p(0), p(1)]);
+        let mut holes = good.clone();
+        holes.entries.remove(&at(0));
+        assert!(!holes.covers_range());
+        let empty = Ring::new(range());
+        assert!(matches!(empty.check(&holes, p(2)), Err(RingError::Malformed { .. })), "even into an undecided ring");
+        assert!(matches!(good.check(&holes, p(0)), Err(RingError::Malformed { .. })));
+        assert!(empty.check(&good, p(2)).is_ok());
     }
 
     #[test]
