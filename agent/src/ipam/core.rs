@@ -369,6 +369,11 @@ impl Ipam {
             .collect()
     }
 
+    /// Whether `a` lies in a range still settling after a reclaim.
+    fn is_settling(&self, a: u32) -> bool {
+        self.ring.token_of(a).is_some_and(|t| self.settling.contains(&t))
+    }
+
     /// Ends the settle period of reclaimed ranges: they can be allocated from.
     pub fn settle(&mut self) -> bool {
         let had = !self.settling.is_empty();
@@ -558,6 +563,9 @@ impl Ipam {
         // A decided ring covers its range (gossip that does not is refused);
         // only a damaged state file can leave an address without an owner.
         let Some(owner) = self.ring.owner_of(a) else { return Err(AllocError::Unowned { addr }) };
+        if owner == self.me && self.is_settling(a) {
+            return Ok(Outcome::Wait("reclaimed space to settle"));
+        }
         if owner == self.me {
             self.record(id, a);
             out.push(Effect::Persist);
@@ -640,7 +648,8 @@ impl Ipam {
     /// Merges a peer's gossip; returns whether our state changed. A ring that
     /// breaks the rules is refused (the caller closes that connection).
     pub fn on_gossip(&mut self, state: &GossipState, out: &mut Vec<Effect>) -> Result<bool, RingError> {
-        let mut changed = self.ring.merge(&state.ring, self.me)?;
+        // Ranges still settling after a reclaim yield to a second reclaimer.
+        let mut changed = self.ring.merge_yielding(&state.ring, self.me, &self.settling)?;
         if !self.ring.is_empty() {
             if self.paxos.take().is_some() {
                 changed = true;
@@ -689,6 +698,8 @@ impl Ipam {
                 let a = u32::from(addr);
                 let (granted, reason) = if self.ring.owner_of(a) != Some(self.me) {
                     (false, format!("it is not {}'s to give", self.me))
+                } else if self.is_settling(a) {
+                    (false, "it was just reclaimed and is settling; try again in a few seconds".to_string())
                 } else if let Some(by) = self.by_addr.get(&a) {
                     (false, format!("it is in use by {by}"))
                 } else {
@@ -980,6 +991,59 @@ mod tests {
         assert!(a.ring().owned_by(p(2)).is_empty());
         assert!(out.contains(&Effect::Persist) && out.contains(&Effect::Gossip));
         assert_eq!(a.reclaim(p(0), &mut Vec::new()), 0, "never from ourselves");
+    }
+
+    /// Views can briefly disagree, so two peers may both reclaim the same dead
+    /// peer (the policy test `only_the_smallest_reachable_name_acts_even_when_views_disagree`).
+    /// Their entries then tie in version; the loser must take the winner's
+    /// gossip rather than refuse it as a conflict, and neither may hand out an
+    /// address from the ranges before they settle.
+    #[test]
+    fn two_reclaimers_of_one_peer_settle_before_allocating() {
+        let range = net("10.32.0.0/24");
+        let seed = Init::Seed(vec![p(0), p(1), p(2)]);
+        let mut peers = vec![Ipam::new(p(0), range, range, seed.clone()), Ipam::new(p(1), range, range, seed)];
+        gossip(&mut peers, 0, 1);
+        let theirs = Ipv4Addr::new(10, 32, 0, 200); // p(2)'s third of the range
+        let both: BTreeSet<PeerName> = [p(0), p(1)].into();
+        assert!(peers[0].reclaim(p(2), &mut Vec::new()) > 0);
+        assert!(peers[1].reclaim(p(2), &mut Vec::new()) > 0);
+        // While settling, neither allocates from the reclaimed ranges: not by
+        // claiming, not by granting a peer's claim, not by donating.
+        for ipam in peers.iter_mut() {
+            let got = ipam.claim("c", theirs, &both, &mut Vec::new()).unwrap();
+            assert!(matches!(got, Outcome::Wait(_)), "{got:?}");
+        }
+        let mut out = Vec::new();
+        peers[1].on_unicast(p(0), Msg::ClaimRequest { addr: theirs }, &mut out);
+        assert!(
+            matches!(&out[..], [Effect::Unicast(_, Msg::ClaimReply { granted: false, .. })]),
+            "a settling range is not given away: {out:?}"
+        );
+        // Their gossip meets: both accept it (no conflict) and agree on one owner.
+        for (x, y) in [(0, 1), (1, 0)] {
+            let state = peers[y].gossip_state();
+            peers[x].on_gossip(&state, &mut Vec::new()).expect("a second reclaimer is no conflict while settling");
+        }
+        assert_eq!(peers[0].ring(), peers[1].ring(), "one ring");
+        let winner = peers[0].ring().owner_of(u32::from(theirs)).unwrap();
+        assert!(winner == p(0) || winner == p(1));
+        let (w, l) = if winner == p(0) { (0, 1) } else { (1, 0) };
+        for ipam in peers.iter_mut() {
+            ipam.settle();
+        }
+        assert_eq!(peers[w].claim("c", theirs, &both, &mut Vec::new()).unwrap(), Outcome::Done(()), "the winner's now");
+        let mut out = Vec::new();
+        assert!(matches!(peers[l].claim("d", theirs, &both, &mut out).unwrap(), Outcome::Wait(_)));
+        assert!(
+            matches!(unicasts(&peers, l, out)[..], [(_, _, Msg::ClaimRequest { .. })]),
+            "the loser asks the winner, never takes it"
+        );
+        // Once settled, a changed entry on those ranges is a conflict again.
+        let mut late = peers[w].clone();
+        late.reclaim(p(l as u64), &mut Vec::new());
+        let state = late.gossip_state();
+        assert!(peers[l].on_gossip(&state, &mut Vec::new()).is_err(), "after settling, its own ranges are its own");
     }
 
     /// 50 peers: consensus, then random partitions and heals with allocations on

@@ -18,8 +18,9 @@
 //! has the smallest name among the peers it reaches, so one peer on that side
 //! acts (see [`policy::Reclaimer`]). Views can briefly disagree, so reclaimed
 //! ranges also settle before use: a second reclaimer's entries tie with ours,
-//! the ring's order picks one owner, and neither allocates from them until
-//! the settle period is over.
+//! the ring's order picks one owner (the other yields instead of refusing the
+//! gossip as a conflict), and neither allocates, grants a claim or donates
+//! from them until the settle period is over.
 //!
 //! Owns: address ownership and allocations. Uses the mesh and the state file.
 //! Must not touch: the data path, DNS, Docker.

@@ -12,7 +12,7 @@
 //! The one sanctioned exception is [`Ring::reclaim`]: taking over a dead peer's
 //! ranges (see `super` for when that is allowed).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use ipnet::Ipv4Net;
@@ -93,6 +93,11 @@ impl Ring {
         self.entries.range(..=addr).next_back().map(|(_, e)| e.owner)
     }
 
+    /// The token whose range holds `addr`, if decided.
+    pub fn token_of(&self, addr: u32) -> Option<u32> {
+        self.entries.range(..=addr).next_back().map(|(t, _)| *t)
+    }
+
     /// The ranges `peer` owns.
     pub fn owned_by(&self, peer: PeerName) -> Vec<(u32, u64)> {
         self.ranges().into_iter().filter(|(_, _, e)| e.owner == peer).map(|(s, e, _)| (s, e)).collect()
@@ -134,6 +139,14 @@ impl Ring {
     /// Checks that merging `other` follows the rules from `me`'s point of view:
     /// nobody else changes or cuts a range `me` owns.
     pub fn check(&self, other: &Ring, me: PeerName) -> Result<(), RingError> {
+        self.check_yielding(other, me, &BTreeSet::new())
+    }
+
+    /// [`Ring::check`], except that on the `yielding` tokens — ranges `me` has
+    /// only just reclaimed and not used yet — a higher entry is no conflict:
+    /// it is a second reclaimer of the same peer (or the peer itself, back),
+    /// and the join lets it win. A cut of such a range still is a conflict.
+    pub fn check_yielding(&self, other: &Ring, me: PeerName, yielding: &BTreeSet<u32>) -> Result<(), RingError> {
         if other.range != self.range {
             return Err(RingError::RangeMismatch { ours: self.range, theirs: other.range });
         }
@@ -146,7 +159,7 @@ impl Ring {
         }
         for (t, oe) in &other.entries {
             let conflict = match self.entries.get(t) {
-                Some(se) => se.owner == me && oe.key() > se.key() && *oe != *se,
+                Some(se) => se.owner == me && oe.key() > se.key() && *oe != *se && !yielding.contains(t),
                 None => self.owner_of(*t) == Some(me),
             };
             if conflict {
@@ -158,7 +171,12 @@ impl Ring {
 
     /// Checks, then joins.
     pub fn merge(&mut self, other: &Ring, me: PeerName) -> Result<bool, RingError> {
-        self.check(other, me)?;
+        self.merge_yielding(other, me, &BTreeSet::new())
+    }
+
+    /// [`Ring::check_yielding`], then joins.
+    pub fn merge_yielding(&mut self, other: &Ring, me: PeerName, yielding: &BTreeSet<u32>) -> Result<bool, RingError> {
+        self.check_yielding(other, me, yielding)?;
         Ok(self.join(other))
     }
 
@@ -344,6 +362,25 @@ mod tests {
         let mut other_range = Ring::new("10.40.0.0/24".parse().unwrap());
         other_range.claim_for_peers(&[p(0)]);
         assert!(matches!(a.check(&other_range, p(0)), Err(RingError::RangeMismatch { .. })));
+    }
+
+    #[test]
+    fn a_just_reclaimed_range_yields_to_a_higher_entry_and_only_it() {
+        let mut base = Ring::new(range());
+        base.claim_for_peers(&[p(0), p(1), p(2)]);
+        let (mut a, mut b) = (base.clone(), base);
+        a.reclaim(p(2), p(0));
+        b.reclaim(p(2), p(1));
+        let taken: BTreeSet<u32> = a.ranges().iter().filter(|(_, _, e)| e.owner == p(0) && e.version == 2).map(|(t, _, _)| *t).collect();
+        assert_eq!(taken.len(), 1);
+        // p(1)'s entry ties in version and wins on the name.
+        assert!(matches!(a.check(&b, p(0)), Err(RingError::Conflict { .. })), "without yielding: refused");
+        assert!(a.merge_yielding(&b, p(0), &taken).unwrap());
+        assert_eq!(a, b, "the join picked p(1)'s entry");
+        // Yielding covers only those tokens: a change to p(0)'s own range is still refused.
+        let mut c = a.clone();
+        c.reclaim(p(0), p(1));
+        assert!(matches!(a.check_yielding(&c, p(0), &taken), Err(RingError::Conflict { .. })));
     }
 
     #[test]
