@@ -2,6 +2,11 @@
 //! ring exists), the allocations, and the space requests in flight. Operations
 //! return [`Effect`]s for the shell: persist, gossip, send a unicast — in that
 //! order, so nothing is said before it is on disk.
+//!
+//! Owns: which addresses are whose, and the messages between peers. Must not
+//! touch: clocks, locks, the mesh, the state file (the shell passes time and
+//! reachability in, and does what the effects say); whose space may be taken
+//! over is [`super::policy`]'s to decide.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -922,8 +927,10 @@ mod tests {
         );
         assert_eq!(peers[0].lookup_nets("b"), vec![net("10.32.8.1/24")], "lookups give the default subnet's prefix");
         // Claims: the default subnet's prefix inside it, the range's outside.
-        assert_eq!(peers[0].try_request(&claim("c", [10, 32, 0, 9]), &all, &mut out).unwrap(), Outcome::Done(net("10.32.0.9/24")));
-        assert_eq!(peers[0].try_request(&claim("d", [10, 32, 9, 9]), &all, &mut out).unwrap(), Outcome::Done(net("10.32.9.9/16")));
+        let inside = peers[0].try_request(&claim("c", [10, 32, 0, 9]), &all, &mut out).unwrap();
+        assert_eq!(inside, Outcome::Done(net("10.32.0.9/24")));
+        let outside = peers[0].try_request(&claim("d", [10, 32, 9, 9]), &all, &mut out).unwrap();
+        assert_eq!(outside, Outcome::Done(net("10.32.9.9/16")));
         // Failures are the core's errors, whichever kind of request.
         let err = peers[0].try_request(&alloc("e", Some("10.99.0.0/24")), &all, &mut out).unwrap_err();
         assert!(matches!(err, AllocError::OutsideRange { .. }), "{err}");
@@ -962,8 +969,10 @@ mod tests {
     fn restore_keeps_its_own_votes_but_not_another_peers() {
         let range = net("10.32.0.0/24");
         let theirs = Ipam::new(p(1), range, range, Init::Consensus(3)).persisted();
-        assert_eq!(Ipam::restore(p(1), range, Init::Consensus(5), theirs.clone()).consensus(), Some((1, 2)), "its own votes, quorum and all");
-        assert_eq!(Ipam::restore(p(0), range, Init::Consensus(5), theirs).consensus(), Some((1, 3)), "another name's votes are not this acceptor's");
+        let own = Ipam::restore(p(1), range, Init::Consensus(5), theirs.clone());
+        assert_eq!(own.consensus(), Some((1, 2)), "its own votes, quorum and all");
+        let other = Ipam::restore(p(0), range, Init::Consensus(5), theirs);
+        assert_eq!(other.consensus(), Some((1, 3)), "another name's votes are not this acceptor's");
     }
 
     #[test]

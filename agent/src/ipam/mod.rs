@@ -9,7 +9,7 @@
 //!
 //! This file is the front door: the settings, the errors, the status, the
 //! [`IpamHandle`] other modules use and [`spawn`], which loads the state and
-//! starts the task. It holds no logic of its own.
+//! starts the task. Beyond loading the state it holds no logic.
 //!
 //! Reclaiming safely: a dead peer's ranges are taken over automatically only
 //! when (1) it has been unreachable for the grace period and is absent from
@@ -163,17 +163,24 @@ fn comma_separated(peers: &[PeerName]) -> String {
 /// One peer's share, for `weft status ipam`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct PeerSpace {
+    /// The peer.
     pub peer: PeerName,
+    /// Its nickname, if the topology knows it.
     pub nickname: Option<String>,
+    /// Addresses it owns.
     pub owned: u64,
+    /// Of those, free as it last said.
     pub free: u64,
+    /// Whether this peer reaches it now.
     pub reachable: bool,
 }
 
 /// The state of IPAM.
 #[derive(Debug, Clone, Serialize)]
 pub struct IpamStatus {
+    /// The whole range.
     pub range: Ipv4Net,
+    /// The default subnet.
     pub default_subnet: Ipv4Net,
     /// What allocations wait for ("" when they do not).
     pub waiting_for: String,
@@ -181,11 +188,13 @@ pub struct IpamStatus {
     pub consensus: Option<(usize, usize)>,
     /// Addresses allocated on this peer.
     pub used: usize,
+    /// Every owner's share.
     pub peers: Vec<PeerSpace>,
     /// Share of the range owned by unreachable peers, percent.
     pub unreachable_percent: f64,
     /// The last ring conflict refused (a peer seeded differently), if any.
     pub conflict: Option<String>,
+    /// This peer's allocations: id → addresses.
     pub allocations: BTreeMap<String, Vec<Ipv4Addr>>,
 }
 

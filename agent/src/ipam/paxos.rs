@@ -11,6 +11,9 @@
 //! never vote and are never in the value.
 //!
 //! Safety needs every peer to use the same N: quorums must intersect.
+//!
+//! Owns: the agreement on initial ownership. Must not touch: the ring (the
+//! core cuts it once a value is chosen), I/O.
 
 use std::collections::BTreeMap;
 
@@ -65,7 +68,9 @@ impl Paxos {
     }
 
     fn own(&mut self) -> &mut Claims {
-        self.claims.get_mut(&self.me).expect("own claims: Paxos::new puts them there, merge never replaces them, restore checks is_for")
+        // Paxos::new puts them there, merge never replaces them, and a saved
+        // state is restored only if is_for(me).
+        self.claims.get_mut(&self.me).expect("own claims")
     }
 
     fn bump(&mut self) {

@@ -10,7 +10,11 @@
 //! cuts a range *we* own — which is what differently seeded rings look like.
 //!
 //! The one sanctioned exception is [`Ring::reclaim`]: taking over a dead peer's
-//! ranges (see `super` for when that is allowed).
+//! ranges (see [`super::policy`] for when that is allowed), and a range just
+//! reclaimed yields to a second reclaimer ([`Ring::merge_yielding`]).
+//!
+//! Owns: the ring's data and its merge rules. Must not touch: allocations,
+//! I/O, policy.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -371,7 +375,8 @@ mod tests {
         let (mut a, mut b) = (base.clone(), base);
         a.reclaim(p(2), p(0));
         b.reclaim(p(2), p(1));
-        let taken: BTreeSet<u32> = a.ranges().iter().filter(|(_, _, e)| e.owner == p(0) && e.version == 2).map(|(t, _, _)| *t).collect();
+        let taken: BTreeSet<u32> =
+            a.ranges().iter().filter(|(_, _, e)| e.owner == p(0) && e.version == 2).map(|(t, _, _)| *t).collect();
         assert_eq!(taken.len(), 1);
         // p(1)'s entry ties in version and wins on the name.
         assert!(matches!(a.check(&b, p(0)), Err(RingError::Conflict { .. })), "without yielding: refused");
