@@ -90,7 +90,12 @@ impl Gossiper for IpamGossiper {
         let mut effects = Vec::new();
         match ipam.on_gossip(&state, &mut effects) {
             Ok(changed) => {
-                let forward = changed.then(|| encode(&ipam.gossip_state()));
+                // Passing the merged state on at once is fine for what other
+                // peers said, but not once our own state changed with it (a
+                // Paxos promise): that is said only after it is on disk, by
+                // the actor, which gossips the whole state after its write.
+                let own_change = effects.contains(&Effect::Persist);
+                let forward = (changed && !own_change).then(|| encode(&ipam.gossip_state()));
                 drop(ipam);
                 if effects.contains(&Effect::Gossip) {
                     self.0.gossip_due.store(true, Ordering::Relaxed);
@@ -120,5 +125,38 @@ impl Gossiper for IpamGossiper {
 
     fn on_peers_gone(&self, _peers: &[PeerName]) {
         self.0.dirty.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::ipam::core::Init;
+
+    fn p(i: u64) -> PeerName {
+        PeerName::new(0x0200_0000_0000 + i)
+    }
+
+    #[test]
+    fn our_own_promise_is_not_forwarded_before_it_is_on_disk() {
+        let range = "10.32.0.0/24".parse().unwrap();
+        // p(0) proposes (an allocation wants a ring).
+        let mut proposer = Ipam::new(p(0), range, range, Init::Consensus(2));
+        let mut out = Vec::new();
+        let waits = proposer.allocate("c", None, &BTreeSet::from([p(0), p(1)]), &mut out).unwrap();
+        assert!(matches!(waits, crate::ipam::core::Outcome::Wait(_)));
+        let proposal = encode(&proposer.gossip_state());
+        // A voter hears it and promises: that must reach the disk before any peer.
+        let (voter, _unicasts) = Shared::new(Ipam::new(p(1), range, range, Init::Consensus(2)));
+        let forward = IpamGossiper(voter.clone()).on_gossip(p(0), &proposal).unwrap();
+        assert_eq!(forward, None, "not passed on by the mesh");
+        assert!(voter.take_gossip_due(), "the actor gossips it after its write");
+        // An observer merges it without promising anything: passed on at once.
+        let (observer, _unicasts) = Shared::new(Ipam::new(p(2), range, range, Init::Observer));
+        let forward = IpamGossiper(observer.clone()).on_gossip(p(0), &proposal).unwrap();
+        assert!(forward.is_some(), "others' news travels at once");
+        assert!(!observer.take_gossip_due());
     }
 }
