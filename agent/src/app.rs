@@ -61,6 +61,8 @@ pub enum AppError {
     Api(#[from] api::BindError),
     #[error("address range {range} overlaps the route to {route} on {iface}; pass --ipalloc-range with a range no host route uses")]
     RangeOverlap { range: Ipv4Net, route: Ipv4Net, iface: String },
+    #[error("the {task} subsystem stopped on its own (its error is in the log above), so weft stopped; the data path keeps forwarding")]
+    Subsystem { task: &'static str },
 }
 
 /// Exit codes of `weft launch` (sysexits.h), documented in `weft launch --help`.
@@ -93,8 +95,13 @@ impl AppError {
             | AppError::Dns(DnsError::Listen { .. })
             | AppError::Proxy(_)
             | AppError::Api(_) => exit::UNAVAILABLE,
-            AppError::Lock(LockError::Io { .. }) | AppError::State(StateError::Io { .. }) => exit::IO,
-            AppError::State(StateError::Corrupt { .. }) => exit::DATA,
+            AppError::Lock(LockError::Io { .. })
+            | AppError::State(StateError::Io { .. })
+            | AppError::Ipam(IpamError::State(StateError::Io { .. }))
+            | AppError::Dns(DnsError::State(StateError::Io { .. })) => exit::IO,
+            AppError::State(StateError::Corrupt { .. })
+            | AppError::Ipam(IpamError::State(StateError::Corrupt { .. }))
+            | AppError::Dns(DnsError::State(StateError::Corrupt { .. })) => exit::DATA,
             AppError::RangeOverlap { .. }
             | AppError::Ipam(IpamError::RangeChanged { .. } | IpamError::SubnetOutside { .. })
             | AppError::Dns(DnsError::Domain { .. }) => exit::USAGE,
@@ -103,7 +110,7 @@ impl AppError {
                 DatapathErrorKind::NotPermitted => exit::NO_PERMISSION,
                 DatapathErrorKind::LimitReached | DatapathErrorKind::System => exit::OS,
             },
-            AppError::Ipam(_) | AppError::Dns(_) => exit::SOFTWARE,
+            AppError::Ipam(_) | AppError::Dns(_) | AppError::Subsystem { .. } => exit::SOFTWARE,
         }
     }
 }
@@ -164,10 +171,13 @@ pub async fn run(config: LaunchConfig) -> Result<(), AppError> {
     let agent = start(&config, name, store, bound, started).await?;
     info!(peer = %name, nickname = %config.nickname, api = %agent.api_addr, mesh = %agent.mesh_addr, "weft is running");
 
-    wait_for_stop(&agent.shutdown).await;
+    let failed = wait_for_stop(&agent).await;
     info!("stopping: the data path keeps forwarding until the next start");
-    let leaving = *agent.reset.borrow();
+    let leaving = *agent.reset.borrow() && failed.is_none();
     let dp = agent.stop(leaving).await;
+    if let Some(task) = failed {
+        return Err(AppError::Subsystem { task });
+    }
     if leaving {
         // Leaving for good: the data path and the state go too.
         dp.reset().await?;
@@ -345,6 +355,19 @@ async fn start(
 }
 
 impl Running {
+    /// The first subsystem whose task ended although nobody stopped it.
+    fn ended(&self) -> Option<&'static str> {
+        let ended = [
+            ("api", self.api.is_finished()),
+            ("docker", self.docker.as_ref().is_some_and(crate::docker::DockerService::is_finished)),
+            ("programmer", self.programmer.is_finished()),
+            ("dns", self.dns.is_finished()),
+            ("ipam", self.ipam.is_finished()),
+            ("mesh", self.mesh.is_finished()),
+        ];
+        ended.into_iter().find(|(_, done)| *done).map(|(name, _)| name)
+    }
+
     /// Stops everything, the API first and the mesh last, within
     /// [`DRAIN_TIMEOUT`]; logs what did not stop cleanly. `leaving` (`weft
     /// reset`): the peers drop this one at once; else they are told that its
@@ -485,21 +508,31 @@ async fn expose(
     let _ = addr_tx.send(addr);
 }
 
-async fn wait_for_stop(shutdown: &CancellationToken) {
+/// How often the agent checks that its subsystems still run.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Waits for SIGTERM, SIGINT, `weft stop` — or a subsystem that ended on its
+/// own (returned: the agent stops rather than run without it).
+async fn wait_for_stop(agent: &Running) -> Option<&'static str> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (term, int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
-            // Without signal handlers the agent still stops through the API.
-            warn!(error = %e, "cannot handle SIGTERM/SIGINT; stop the agent with `weft stop`");
-            shutdown.cancelled().await;
-            return;
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    if term.is_none() || int.is_none() {
+        // Without signal handlers the agent still stops through the API.
+        warn!("cannot handle SIGTERM/SIGINT; stop the agent with `weft stop`");
+    }
+    let mut watch = tokio::time::interval(WATCH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = agent.shutdown.cancelled() => return None,
+            Some(()) = async { term.as_mut()?.recv().await } => { info!("SIGTERM"); return None; }
+            Some(()) = async { int.as_mut()?.recv().await } => { info!("SIGINT"); return None; }
+            _ = watch.tick() => {
+                if let Some(task) = agent.ended() {
+                    warn!(task, "a subsystem stopped on its own; stopping the agent");
+                    return Some(task);
+                }
+            }
         }
-    };
-    let (mut term, mut int) = (term, int);
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = term.recv() => info!("SIGTERM"),
-        _ = int.recv() => info!("SIGINT"),
     }
 }

@@ -101,6 +101,11 @@ impl DnsService {
         self.handle.clone()
     }
 
+    /// Whether the writer ended on its own (its error comes from [`Self::shutdown`]).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Stops serving, writes what is not on disk yet, and ends.
     pub async fn shutdown(self) -> Result<(), TaskError<DnsError>> {
         self.handle.cancel.cancel();

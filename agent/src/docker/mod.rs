@@ -123,6 +123,11 @@ impl DockerService {
         self.handle.clone()
     }
 
+    /// Whether the watcher ended on its own (its error comes from [`Self::shutdown`]).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Stops the watcher, the proxy and every container task; waits for them.
     pub async fn shutdown(self) -> Result<(), TaskError<DockerError>> {
         self.handle.0.cancel.cancel();

@@ -305,6 +305,11 @@ impl IpamService {
     pub async fn shutdown(self) -> Result<(), TaskError<IpamError>> {
         self.task.shutdown_within(STOP_WITHIN).await
     }
+
+    /// Whether the task ended on its own (its error comes from [`Self::shutdown`]).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
 }
 
 #[cfg(test)]

@@ -179,6 +179,11 @@ impl Mesh {
         self.handle.clone()
     }
 
+    /// Whether the actor ended on its own (its error comes from [`Self::stop`]).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Stops on purpose: tells the peers this host's data path keeps forwarding
     /// (they hold its routes and endpoints), lets that reach them, then closes.
     pub async fn stop(self) -> Result<(), TaskError<MeshError>> {
