@@ -300,10 +300,17 @@ fn control_traffic_is_not_plaintext_with_a_password() {
         let a = Agent::launch(&ha, &[], &extra);
         let b = Agent::launch(&hb, &[ha.ip], &extra);
         assert!(wait_until(Duration::from_secs(10), || a.established() == 1 && b.established() == 1));
+        let visible = |dump: &str| dump.contains(&a.nickname) || dump.contains(&b.nickname);
+        // On a loaded machine tcpdump can lag: wait until the capture holds the
+        // connection's start (SYN) and its handshake data, then read all of it.
+        let seen = wait_until(Duration::from_secs(10), || {
+            let dump = capture.read(&["-nn", "-A"]);
+            dump.contains("Flags [S]") && dump.contains("Flags [P.]") && (password.is_some() || visible(&dump))
+        });
         std::thread::sleep(Duration::from_millis(500));
         let dump = capture.stop_and_read(&["-nn", "-A"]);
-        let visible = dump.contains(&a.nickname) || dump.contains(&b.nickname);
-        assert!(dump.contains(".6783"), "the capture saw the control connection");
+        assert!(seen && dump.contains(".6783"), "the capture saw the control connection from its start:\n{dump}");
+        let visible = visible(&dump);
         match password {
             None => assert!(visible, "without a password the nickname is visible (control)"),
             Some(_) => assert!(!visible, "with a password the control traffic is not plaintext"),
