@@ -347,19 +347,25 @@ pub struct DnsArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MaybeDuration(pub Option<std::time::Duration>);
 
+/// A duration flag that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid duration {0:?}: use e.g. 30m, 90s, 2h or never")]
+pub struct BadDuration(pub String);
+
 /// `30m`, `90s`, `2h`, `500ms`, or `never`.
-pub fn parse_duration(s: &str) -> Result<MaybeDuration, String> {
+pub fn parse_duration(s: &str) -> Result<MaybeDuration, BadDuration> {
     if s == "never" {
         return Ok(MaybeDuration(None));
     }
+    let bad = || BadDuration(s.to_string());
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: use e.g. 30m, 90s, 2h or never"))?;
+    let n: f64 = num.parse().map_err(|_| bad())?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" | "" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration {s:?}: use e.g. 30m, 90s, 2h or never")),
+        _ => return Err(bad()),
     };
-    Ok(MaybeDuration(Some(std::time::Duration::from_secs_f64(secs))))
+    std::time::Duration::try_from_secs_f64(secs).map(|d| MaybeDuration(Some(d))).map_err(|_| bad())
 }

@@ -29,20 +29,29 @@ pub enum Init {
     Observer,
 }
 
+/// An `--ipalloc-init` value that is none of the three forms.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --ipalloc-init {given:?}: use consensus=N, seed=PEER,PEER... or observer{}", .peer.as_ref().map(|e| format!(" ({e})")).unwrap_or_default())]
+pub struct BadInit {
+    pub given: String,
+    /// A seed peer that is not a peer name.
+    pub peer: Option<crate::mesh::peer::BadPeerName>,
+}
+
 impl std::str::FromStr for Init {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid --ipalloc-init {s:?}: use consensus=N, seed=PEER,PEER... or observer");
+    type Err = BadInit;
+    fn from_str(s: &str) -> Result<Self, BadInit> {
+        let bad = |peer| BadInit { given: s.to_string(), peer };
         if s == "observer" {
             return Ok(Init::Observer);
         }
         match s.split_once('=') {
-            Some(("consensus", n)) => n.parse().ok().filter(|n| *n > 0).map(Init::Consensus).ok_or_else(bad),
+            Some(("consensus", n)) => n.parse().ok().filter(|n| *n > 0).map(Init::Consensus).ok_or_else(|| bad(None)),
             Some(("seed", peers)) => {
                 let names: Result<Vec<PeerName>, _> = peers.split(',').map(str::parse).collect();
-                names.map(Init::Seed).map_err(|e| format!("{}: {e}", bad()))
+                names.map(Init::Seed).map_err(|e| bad(Some(e)))
             }
-            _ => Err(bad()),
+            _ => Err(bad(None)),
         }
     }
 }

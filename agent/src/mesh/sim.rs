@@ -95,6 +95,19 @@ fn key(a: usize, b: usize) -> (usize, usize) {
     (a.min(b), a.max(b))
 }
 
+/// How a simulated mesh has not converged (peers by index).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Divergence {
+    #[error("peer {peer}: stale or missing {missing:?}, extra {extra:?}")]
+    Topology { peer: usize, missing: Vec<PeerName>, extra: Vec<PeerName> },
+    #[error("peer {peer}: no route to {to}")]
+    NoRoute { peer: usize, to: usize },
+    #[error("peer {peer}: route to {to} via {via} is not a shortest path")]
+    NotShortest { peer: usize, to: usize, via: usize },
+    #[error("peer {peer}: routes to peers outside its component")]
+    RoutesOutside { peer: usize },
+}
+
 impl Sim {
     /// `n` unconnected peers; `seed` makes the run reproducible.
     pub fn new(n: usize, seed: u64) -> Sim {
@@ -439,8 +452,8 @@ impl Sim {
 
     /// Checks that every peer knows exactly the peers of its component with their
     /// latest entries, and routes along shortest paths of the real graph.
-    /// Returns a description of the first disagreement.
-    pub fn check_converged(&mut self) -> Result<(), String> {
+    /// Returns the first disagreement.
+    pub fn check_converged(&mut self) -> Result<(), Divergence> {
         let adj = self.adjacency();
         let all: Vec<BTreeMap<usize, usize>> = (0..self.nodes.len()).map(|i| Self::distances_in(&adj, i)).collect();
         for i in 0..self.nodes.len() {
@@ -454,22 +467,22 @@ impl Sim {
             if known != expected {
                 let missing: Vec<_> = expected.keys().filter(|k| known.get(*k) != expected.get(*k)).collect();
                 let extra: Vec<_> = known.keys().filter(|k| !expected.contains_key(*k)).collect();
-                return Err(format!("peer {i}: stale or missing {missing:?}, extra {extra:?}"));
+                return Err(Divergence::Topology { peer: i, missing: missing.into_iter().copied().collect(), extra: extra.into_iter().copied().collect() });
             }
             let routes = self.nodes[i].routes().clone();
             for &j in &component {
                 if j == i {
                     continue;
                 }
-                let hop = routes.unicast.get(&self.names[j]).ok_or(format!("peer {i}: no route to {j}"))?;
+                let hop = routes.unicast.get(&self.names[j]).ok_or(Divergence::NoRoute { peer: i, to: j })?;
                 let h = self.index[hop];
                 let via = &all[h];
                 if dist.get(&h) != Some(&1) || via.get(&j).map(|d| d + 1) != dist.get(&j).copied() {
-                    return Err(format!("peer {i}: route to {j} via {h} is not a shortest path"));
+                    return Err(Divergence::NotShortest { peer: i, to: j, via: h });
                 }
             }
             if routes.unicast.len() != component.len() - 1 {
-                return Err(format!("peer {i}: routes to peers outside its component"));
+                return Err(Divergence::RoutesOutside { peer: i });
             }
         }
         Ok(())

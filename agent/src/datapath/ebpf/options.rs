@@ -37,13 +37,18 @@ pub enum Encap {
     Device,
 }
 
+/// An `--encap` value that is neither mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown encapsulation {0:?}: use direct or device")]
+pub struct BadEncap(pub String);
+
 impl std::str::FromStr for Encap {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadEncap;
+    fn from_str(s: &str) -> Result<Self, BadEncap> {
         match s {
             "direct" => Ok(Encap::Direct),
             "device" | "vxlan" => Ok(Encap::Device),
-            _ => Err(format!("unknown encapsulation {s:?}: use direct or device")),
+            _ => Err(BadEncap(s.to_string())),
         }
     }
 }
