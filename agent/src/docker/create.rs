@@ -127,7 +127,9 @@ pub fn rewrite(body: &mut Value, name: Option<&str>, image: Option<&ImageConfig>
     // DNS server and search domain, unless the request has its own.
     let domain = opts.naming.domain.trim_end_matches('.').to_string();
     if let Some(server) = opts.dns_server {
-        let hc = obj.get_mut(&hc_key).and_then(Value::as_object_mut).expect("object");
+        let Some(hc) = obj.get_mut(&hc_key).and_then(Value::as_object_mut) else {
+            return Outcome::Untouched("its HostConfig is not an object".into());
+        };
         let dns_key = key_of(hc, "Dns");
         if is_empty_list(hc.get(&dns_key)) {
             hc.insert(dns_key, Value::from(vec![server.to_string()]));

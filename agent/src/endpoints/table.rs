@@ -46,6 +46,13 @@ impl EndpointTable {
         self.changed.subscribe()
     }
 
+    /// The table's lock. A poisoned one means code holding it panicked — a bug
+    /// (the panic is in the log); the map itself is never left half-changed, so
+    /// it is used as it is.
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PeerName, PeerEndpoints>> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn bump(&self) {
         self.changed.send_modify(|v| *v += 1);
     }
@@ -54,8 +61,9 @@ impl EndpointTable {
     pub fn set_local(&self, mut endpoints: Vec<EndpointRecord>) -> Option<Vec<u8>> {
         endpoints.sort();
         endpoints.dedup();
-        let mut state = self.state.lock().expect("table lock");
-        let own = state.get_mut(&self.me).expect("own entry");
+        let mut state = self.lock();
+        let me = self.me;
+        let own = state.entry(me).or_insert_with(|| PeerEndpoints { peer: me, version: 0, endpoints: Vec::new() });
         if own.endpoints == endpoints {
             return None;
         }
@@ -69,23 +77,23 @@ impl EndpointTable {
 
     /// Every other peer's endpoints.
     pub fn remote_entries(&self, me: PeerName) -> BTreeMap<PeerName, Vec<EndpointRecord>> {
-        let state = self.state.lock().expect("table lock");
+        let state = self.lock();
         state.iter().filter(|(p, _)| **p != me).map(|(p, e)| (*p, e.endpoints.clone())).collect()
     }
 
     /// Every peer's endpoints (for `weft report`).
     pub fn all(&self) -> Vec<PeerEndpoints> {
-        self.state.lock().expect("table lock").values().cloned().collect()
+        self.lock().values().cloned().collect()
     }
 }
 
 fn encode(entries: &[PeerEndpoints]) -> Vec<u8> {
-    postcard::to_stdvec(entries).expect("entries always encode")
+    postcard::to_stdvec(entries).expect("postcard encodes these plain derived types into a Vec (a bug otherwise)")
 }
 
 impl Gossiper for EndpointTable {
     fn full_state(&self) -> Vec<u8> {
-        let state = self.state.lock().expect("table lock");
+        let state = self.lock();
         encode(&state.values().cloned().collect::<Vec<_>>())
     }
 
@@ -98,7 +106,7 @@ impl Gossiper for EndpointTable {
                 detail: "a peer announced more endpoints than a host can have".into(),
             });
         }
-        let mut state = self.state.lock().expect("table lock");
+        let mut state = self.lock();
         let mut new = Vec::new();
         for e in entries {
             // Our own entry is ours alone.
@@ -120,7 +128,7 @@ impl Gossiper for EndpointTable {
     }
 
     fn on_peers_gone(&self, peers: &[PeerName]) {
-        let mut state = self.state.lock().expect("table lock");
+        let mut state = self.lock();
         let before = state.len();
         for p in peers {
             if *p != self.me {
