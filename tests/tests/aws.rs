@@ -194,6 +194,190 @@ fn aws_discovery_builds_the_mesh_and_gates_ipam_reclaim() {
     assert_eq!(agents[0].ownership().values().sum::<u64>(), 65536, "the whole range is still owned");
 }
 
+/// IPAM's view as one agent reports it: (voters, quorum) while undecided, and
+/// what allocations wait for.
+fn consensus(a: &Agent) -> (Option<(u64, u64)>, String) {
+    let r = a.report();
+    let c = r["ipam"]["consensus"].as_array().and_then(|c| Some((c.first()?.as_u64()?, c.get(1)?.as_u64()?)));
+    (c, r["ipam"]["waiting_for"].as_str().unwrap_or_default().to_string())
+}
+
+/// `POST /ip/ID` on `a`: the address handed out.
+fn allocate(a: &Agent, id: &str) -> Ipv4Addr {
+    let (code, body) = a.http("POST", &format!("/ip/{id}"));
+    assert_eq!(code, 200, "allocate {id} on {}: {body}\n{}", a.nickname, a.log());
+    body.trim().split('/').next().and_then(|x| x.parse().ok()).unwrap_or_else(|| panic!("an address: {body}"))
+}
+
+/// Production's launch: `--discovery aws-asg` and nothing about peers or
+/// consensus. The group's size sizes the agreement: a lone host waits for a
+/// majority of its group, hosts booting in any order with delays agree on one
+/// ring, 200 allocations spread over them never repeat, hosts added by a
+/// scale-out take the ring over and get space, and after a scale-in from 5 to
+/// 2 the terminated hosts' space is reclaimed while the survivors keep theirs.
+#[test]
+fn aws_hosts_that_meet_only_through_the_group_agree_on_addresses() {
+    use rand::{RngExt, SeedableRng, seq::SliceRandom};
+    if !root_or_skip("aws_hosts_that_meet_only_through_the_group_agree_on_addresses") {
+        return;
+    }
+    let seed: u64 = std::env::var("WEFT_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (WEFT_TEST_SEED={seed} repeats this order and these delays)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut lan = Underlay::new();
+    let aws = FakeAws::start(&mut lan);
+    let subnet = Group::lan_subnet(&aws);
+    let group = Group::create_in(&aws, "weft-asg", 3, &[], &subnet);
+    let inst = group.instances(&aws);
+    assert_eq!(inst.len(), 3);
+    let mut hosts: Vec<_> = inst.iter().enumerate().map(|(i, (_, ip))| lan.host_at(&format!("i{i}"), *ip)).collect();
+    for ((id, ip), h) in inst.iter().zip(&hosts) {
+        aws.imds_says(h.ip, id, *ip);
+    }
+    // hosts[i] is instance ids[i].
+    let mut ids: Vec<String> = inst.iter().map(|(id, _)| id.clone()).collect();
+    let mut args = DISCOVER.to_vec();
+    // Only what the test needs to be quick: a small range, a short grace period.
+    args.extend(["--ipalloc-range", "10.32.0.0/22", "--ipalloc-reclaim-after", "2s"]);
+    let mut order: Vec<usize> = (0..3).collect();
+    order.shuffle(&mut rng);
+
+    // The first host boots while the others do not run weft yet: it must not
+    // decide alone (a group of 3 needs 2).
+    let first = Agent::launch_with_env(&hosts[order[0]], &[], &args, &aws.env());
+    assert!(
+        wait_until(Duration::from_secs(20), || consensus(&first).0.is_some_and(|(_, q)| q == 2)),
+        "the group of 3 sizes the quorum: {:?}\n{}",
+        consensus(&first),
+        first.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(first.ownership().is_empty(), "alone, nothing is decided: {:?}", first.ownership());
+    assert!(consensus(&first).1.contains("majority"), "status says what it waits for: {:?}", consensus(&first));
+
+    // The two others, in random order, each after a random delay up to 3 s.
+    let delays: Vec<u64> = (0..2).map(|_| rng.random_range(0..3000)).collect();
+    let (hosts_ref, args_ref, env) = (&hosts, &args, aws.env());
+    let mut agents: Vec<Option<Agent>> = (0..3).map(|_| None).collect();
+    let later: Vec<(usize, Agent)> = std::thread::scope(|s| {
+        let handles: Vec<_> = order[1..]
+            .iter()
+            .zip(&delays)
+            .map(|(&i, &ms)| {
+                let env = env.clone();
+                s.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    (i, Agent::launch_with_env(&hosts_ref[i], &[], args_ref, &env))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("launch")).collect()
+    });
+    agents[order[0]] = Some(first);
+    for (i, a) in later {
+        agents[i] = Some(a);
+    }
+    let mut agents: Vec<Agent> = agents.into_iter().map(|a| a.expect("launched")).collect();
+    assert!(
+        wait_until(Duration::from_secs(30), || agents.iter().all(|a| a.established() == 2)),
+        "a full mesh from the group alone:\n{}",
+        agents[0].log()
+    );
+    let total = 1024u64;
+    assert!(
+        wait_until(Duration::from_secs(30), || agents.iter().all(|a| a.ownership().values().sum::<u64>() == total)),
+        "one ring, the whole range owned: {:?}\n{}",
+        agents.iter().map(Agent::ownership).collect::<Vec<_>>(),
+        agents[0].log()
+    );
+    let ring = agents[0].ownership();
+    assert!(agents.iter().all(|a| a.ownership() == ring), "every host holds the same ring");
+
+    // 200 allocations spread over the hosts: none twice.
+    let mut held: std::collections::BTreeMap<Ipv4Addr, String> = std::collections::BTreeMap::new();
+    for k in 0..200 {
+        let i = rng.random_range(0..agents.len());
+        let id = format!("c{k}-on{i}");
+        let a = allocate(&agents[i], &id);
+        if let Some(prev) = held.insert(a, id.clone()) {
+            panic!("{a} handed out twice: {prev} and {id}");
+        }
+    }
+
+    // Scale out 3 -> 5: the new hosts take the ring over and get space.
+    group.scale(&aws, 5);
+    let now = group.instances(&aws);
+    assert_eq!(now.len(), 5, "moto has 5 InService");
+    for (id, ip) in now.iter().filter(|(id, _)| !inst.iter().any(|(x, _)| x == id)) {
+        let h = lan.host_at(&format!("i{}", hosts.len()), *ip);
+        aws.imds_says(h.ip, id, *ip);
+        agents.push(Agent::launch_with_env(&h, &[], &args, &aws.env()));
+        hosts.push(h);
+        ids.push(id.clone());
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || agents.iter().all(|a| a.established() == 4)),
+        "the new hosts join the mesh:\n{}",
+        agents[4].log()
+    );
+    for (i, a) in agents.iter().enumerate().skip(3) {
+        for k in 0..10 {
+            let id = format!("new{k}-on{i}");
+            let addr = allocate(a, &id);
+            if let Some(prev) = held.insert(addr, id.clone()) {
+                panic!("{addr} handed out twice: {prev} and {id}");
+            }
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || agents.iter().all(|a| a.ownership().len() == 5)),
+        "every host owns space: {:?}",
+        agents[0].ownership()
+    );
+
+    // Scale in 5 -> 2: three hosts are terminated (their agents die with them).
+    // The survivors (2 of 5: no majority of the owners) still reclaim, because
+    // discovery says the others are gone, not partitioned away.
+    std::thread::sleep(Duration::from_secs(2)); // IPAM notes every peer's address on its 1 s tick
+    let keep = [order[0], 4];
+    let before: Vec<_> = keep.iter().map(|&i| (agents[i].name.clone(), agents[keep[0]].ownership()[&agents[i].name])).collect();
+    let mut gone = Vec::new();
+    for i in (0..agents.len()).filter(|i| !keep.contains(i)) {
+        agents[i].kill9();
+        aws.aws(&["autoscaling", "terminate-instance-in-auto-scaling-group", "--instance-id", &ids[i], "--should-decrement-desired-capacity"]);
+        gone.push(agents[i].name.clone());
+    }
+    assert_eq!(group.instances(&aws).len(), 2);
+    assert!(
+        wait_until(Duration::from_secs(40), || keep.iter().all(|&i| {
+            let o = agents[i].ownership();
+            gone.iter().all(|g| !o.contains_key(g)) && o.values().sum::<u64>() == total
+        })),
+        "terminated hosts' space reclaimed by the survivors: {:?}\n{}",
+        agents[keep[0]].ownership(),
+        agents[keep[0]].log()
+    );
+    for (name, owned) in before {
+        assert!(agents[keep[0]].ownership()[&name] >= owned, "{name} keeps its own space ({owned} before)");
+    }
+    // The survivors' allocations are still theirs; new ones never repeat one.
+    for &i in &keep {
+        for (addr, id) in held.iter().filter(|(_, id)| id.ends_with(&format!("-on{i}"))) {
+            let (code, body) = agents[i].http("GET", &format!("/ip/{id}"));
+            assert_eq!((code, body.trim().split('/').next()), (200, Some(addr.to_string().as_str())), "{id} kept {addr}");
+        }
+        for k in 0..10 {
+            let id = format!("after{k}-on{i}");
+            let addr = allocate(&agents[i], &id);
+            // An address of a terminated host's container may come back; a
+            // survivor's never.
+            if let Some(prev) = held.insert(addr, id.clone()) {
+                assert!(!keep.iter().any(|s| prev.ends_with(&format!("-on{s}"))), "{addr} handed out twice: {prev} and {id}");
+            }
+        }
+    }
+}
+
 /// Runs a deploy/ecs script in the AWS host's namespace against moto.
 fn ecs_script(aws: &FakeAws, script: &str, args: &[&str], dir: &std::path::Path) -> std::process::Output {
     let path = format!("{}/bin:{}", weft_tests::aws::venv().display(), std::env::var("PATH").unwrap_or_default());
