@@ -72,6 +72,7 @@ step "Deleting IAM role ($ROLE) and instance profile ($PROFILE)"
 try awsx iam remove-role-from-instance-profile --instance-profile-name "$PROFILE" --role-name "$ROLE"
 try awsx iam delete-instance-profile --instance-profile-name "$PROFILE"
 try awsx iam delete-role-policy --role-name "$ROLE" --policy-name "$POLICY"
+try awsx iam delete-role-policy --role-name "$ROLE" --policy-name "$POLICY-binary"
 try awsx iam delete-role --role-name "$ROLE"
 done_
 

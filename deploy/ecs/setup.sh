@@ -8,8 +8,11 @@
 # the URLs. cleanup.sh removes all of it.
 #
 # Needs the AWS CLI and credentials. The weft binary (built with
-# `cargo build --release --features aws`) is uploaded to a new S3 bucket and the
-# instances download it through a presigned URL; or pass --weft-url.
+# `cargo build --release --features aws`; a binary without it is refused) is
+# uploaded to a new S3 bucket that the instance role may read, so instances the
+# group launches later (replacements, scale-out) fetch it too; its SHA-256 is
+# checked on the instance before it is installed. Or pass --weft-url with
+# --weft-sha256 (an https URL that stays valid as long as the group runs).
 # --endpoint-url is passed to every AWS call (tests run this against moto).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -24,6 +27,21 @@ if [ -z "$WEFT_URL" ]; then
 		echo "no weft binary at $WEFT_BINARY: run 'cargo build --release --features aws' or pass --weft-binary/--weft-url" >&2
 		exit 1
 	}
+	# The instances find each other with --discovery aws-asg: a build without
+	# the aws feature would exit at once on every one of them.
+	features=$("$WEFT_BINARY" --version 2>/dev/null | sed -n 's/^features: //p')
+	case " $features " in
+	*" aws "*) ;;
+	*)
+		echo "$WEFT_BINARY was built without the aws feature (its --version says features: ${features:-nothing});" >&2
+		echo "the instances need it for --discovery aws-asg: build with 'cargo build --release --features aws'" >&2
+		exit 1
+		;;
+	esac
+	WEFT_SHA256=$(sha256sum "$WEFT_BINARY" | cut -d' ' -f1)
+elif [ -z "$WEFT_SHA256" ]; then
+	echo "--weft-url needs --weft-sha256 (sha256sum of the binary): the instances check it before installing" >&2
+	exit 64
 fi
 : >"$STATE"
 
@@ -60,8 +78,16 @@ if [ -z "$WEFT_URL" ]; then
 	save_state bucket "$BUCKET"
 	awsx s3 mb "s3://$BUCKET" >/dev/null
 	awsx s3 cp "$WEFT_BINARY" "s3://$BUCKET/weft" >/dev/null
-	WEFT_URL=$(awsx s3 presign "s3://$BUCKET/weft" --expires-in 604800)
+	# The instance role reads exactly this object (no URL that expires).
+	cat >"$STATE.s3-policy.json" <<JSON
+{"Version": "2012-10-17", "Statement": [{"Sid": "WeftBinary", "Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::$BUCKET/weft"}]}
+JSON
+	awsx iam put-role-policy --role-name "$ROLE" --policy-name "$POLICY-binary" --policy-document "file://$STATE.s3-policy.json"
+	rm -f "$STATE.s3-policy.json"
+	WEFT_SOURCE="s3://$BUCKET/weft"
 	done_
+else
+	WEFT_SOURCE=$WEFT_URL
 fi
 
 if [ -z "$AMI" ]; then
@@ -72,9 +98,7 @@ if [ -z "$AMI" ]; then
 fi
 
 step "Creating Launch Template ($TEMPLATE)"
-# sed replacement text: & | and \ are special.
-sed_escape() { printf '%s' "$1" | sed -e 's/[&|\\]/\\&/g'; }
-USER_DATA=$(sed -e "s|@CLUSTER@|$(sed_escape "$CLUSTER")|g" -e "s|@WEFT_URL@|$(sed_escape "$WEFT_URL")|g" "$HERE/data/user-data.sh" | base64 | tr -d '\n')
+USER_DATA=$(user_data "$CLUSTER" "$WEFT_SOURCE" "$WEFT_SHA256" | base64 | tr -d '\n')
 cat >"$STATE.template.json" <<JSON
 {
   "ImageId": "$AMI",

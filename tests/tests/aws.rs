@@ -413,10 +413,25 @@ fn aws_ecs_setup_then_cleanup_leaves_nothing_behind() {
         }
     }
     let _cleanup = Cleanup(dir.clone());
-    // What gets uploaded for the instances to download (moto runs no instance).
-    let binary = dir.join("weft");
-    std::fs::write(&binary, "#!/bin/sh\necho weft\n").unwrap();
-    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // What gets uploaded for the instances to download (moto runs no
+    // instance): a stand-in that answers --version as weft does.
+    let fake = |name: &str, features: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\necho weft 0.1.0\necho 'features: {features}'\n")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        path
+    };
+    let binary = fake("weft", "aws");
+    let key = dir.join("key.pem");
+    // A build without the aws feature is refused before anything is created.
+    let plain = fake("weft-plain", "none (no --discovery aws-asg: build with `cargo build --release --features aws`)");
+    let refused = ecs_script(&aws, "setup.sh", &["--weft-binary", plain.to_str().unwrap(), "--key-file", key.to_str().unwrap()], &dir);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("without the aws feature") && err.contains("--features aws"), "refused with what to do: {err}");
+    assert_eq!(aws.aws(&["ecs", "list-clusters"])["clusterArns"].as_array().map_or(0, Vec::len), 0, "nothing created");
+    // The real binary says so too.
+    let version = std::process::Command::new(weft_tests::agent::weft_bin()).arg("--version").output().expect("weft --version");
+    assert!(String::from_utf8_lossy(&version.stdout).contains("features: aws"), "the test build has aws: {version:?}");
 
     // moto starts no ECS agent: this thread registers each InService instance with
     // the cluster, as the agent the user data starts would.
@@ -441,7 +456,6 @@ fn aws_ecs_setup_then_cleanup_leaves_nothing_behind() {
             }
         })
     };
-    let key = dir.join("key.pem");
     let setup = ecs_script(&aws, "setup.sh", &["--weft-binary", binary.to_str().unwrap(), "--wait-timeout", "60", "--key-file", key.to_str().unwrap()], &dir);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     agent.join().unwrap();
@@ -464,7 +478,15 @@ fn aws_ecs_setup_then_cleanup_leaves_nothing_behind() {
         }).unwrap().stdout,
     )
     .unwrap();
-    assert!(decoded.contains("ECS_CLUSTER=weft-ecs-demo-cluster") && decoded.contains("weft launch") && decoded.contains("/weft?") && decoded.contains("Signature=") && !decoded.contains("@WEFT_URL@"), "{decoded}");
+    let sha = String::from_utf8_lossy(&std::process::Command::new("sha256sum").arg(&binary).output().unwrap().stdout).split(' ').next().unwrap_or_default().to_string();
+    assert!(decoded.contains("ECS_CLUSTER=weft-ecs-demo-cluster") && decoded.contains("weft launch") && !decoded.contains('@'), "filled in: {decoded}");
+    assert!(decoded.contains(&format!("WEFT_SHA256='{sha}'")) && decoded.contains("sha256sum -c"), "the binary is checked: {decoded}");
+    assert!(decoded.contains("WEFT_SOURCE='s3://weft-ecs-demo-") && !decoded.contains("Signature="), "an S3 object, not a URL that expires: {decoded}");
+    let code: String = decoded.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
+    assert!(!code.contains("consensus") && !code.contains("--ipalloc-init") && !code.contains("WEFT_PEERS=") && code.contains("WEFT_DISCOVERY=aws-asg"), "discovery only: {code}");
+    assert!(decoded.contains("Restart=always") && decoded.contains("Wants=network-online.target docker.service") && decoded.contains("--no-block"), "boots: {decoded}");
+    let policy = aws.aws(&["iam", "get-role-policy", "--role-name", "weft-ecs-demo-role", "--policy-name", "weft-ecs-demo-policy-binary"]);
+    assert!(policy.to_string().contains("s3:GetObject"), "the role may read the binary: {policy}");
     let sg = aws.aws(&["ec2", "describe-security-groups", "--filters", "Name=group-name,Values=weft-ecs-demo"]);
     let perms = sg["SecurityGroups"][0]["IpPermissions"].to_string();
     assert!(perms.contains("6783") && perms.contains("6784") && perms.contains("\"FromPort\":22") && perms.contains("\"FromPort\":80"), "{perms}");
@@ -498,4 +520,25 @@ fn aws_ecs_cloudformation_template_passes_cfn_lint() {
     let template = weft_tests::aws::repo().join("deploy/ecs/weft-ecs.yaml");
     let out = std::process::Command::new(weft_tests::aws::venv().join("bin/cfn-lint")).arg(&template).output().expect("run cfn-lint");
     assert!(out.status.success(), "cfn-lint {}:\n{}{}", template.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// The CloudFormation template cannot include files, so it carries its own
+/// copy of the user data: it must be deploy/ecs/data/user-data.sh (with the
+/// unit deploy/weft.service) exactly, with the template's references filled in.
+#[test]
+fn aws_ecs_cloudformation_user_data_is_the_scripts_own() {
+    let repo = weft_tests::aws::repo();
+    let read = |p: &str| std::fs::read_to_string(repo.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let unit = read("deploy/weft.service");
+    let script = read("deploy/ecs/data/user-data.sh")
+        .replace("@CLUSTER@", "${Cluster}")
+        .replace("@WEFT_SOURCE@", "s3://${WeftBucket}/weft")
+        .replace("@WEFT_SHA256@", "${WeftSha256}")
+        .replace("@WEFT_UNIT@", unit.trim_end());
+    let want: String = script.trim_end().lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("            {l}\n") }).collect();
+    let yaml = read("deploy/ecs/weft-ecs.yaml");
+    let start = yaml.find("Fn::Base64: !Sub |\n").map(|i| i + "Fn::Base64: !Sub |\n".len()).expect("the user data block");
+    let end = yaml.find("\n  AutoScalingGroup:").expect("the group after it");
+    let got = format!("{}\n", yaml[start..end].trim_end());
+    assert_eq!(got, want, "deploy/ecs/weft-ecs.yaml's UserData differs from deploy/ecs/data/user-data.sh: copy it over");
 }
