@@ -89,6 +89,27 @@ if [ -n "$SG" ] && [ "$SG" != None ]; then
 fi
 done_
 
+step "Deleting VPC (route table, internet gateway, subnet)"
+VPC=$(load_state vpc)
+[ -n "$VPC" ] || VPC=$(awsx ec2 describe-vpcs --filters "Name=tag:Name,Values=$NAME" --query 'Vpcs[0].VpcId' 2>/dev/null || true)
+if [ -n "$VPC" ] && [ "$VPC" != None ]; then
+	for rt in $(load_state route_table); do
+		for assoc in $(awsx ec2 describe-route-tables --route-table-ids "$rt" --query 'RouteTables[0].Associations[].RouteTableAssociationId' 2>/dev/null); do
+			[ "$assoc" = None ] || try awsx ec2 disassociate-route-table --association-id "$assoc"
+		done
+		try awsx ec2 delete-route-table --route-table-id "$rt"
+	done
+	for igw in $(load_state internet_gateway); do
+		try awsx ec2 detach-internet-gateway --internet-gateway-id "$igw" --vpc-id "$VPC"
+		try awsx ec2 delete-internet-gateway --internet-gateway-id "$igw"
+	done
+	for subnet in $(load_state subnet); do
+		try awsx ec2 delete-subnet --subnet-id "$subnet"
+	done
+	try awsx ec2 delete-vpc --vpc-id "$VPC"
+fi
+done_
+
 rm -f "$STATE"
 if [ "$failed" = 0 ]; then
 	echo "Cleanup is done."

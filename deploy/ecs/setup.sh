@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the weft ECS demo (what the Weave ECS guide's setup.sh did, with weft):
-# an ECS cluster, a security group (TCP 6783 and UDP 6783-6784 between members;
+# an ECS cluster, its own VPC (10.0.0.0/16, a public subnet, an internet gateway
+# and a default route: accounts without a default VPC work too), a security group (TCP 6783 and UDP 6783-6784 between members;
 # 22 and 80 public), a key pair, an IAM role and instance profile, a launch
 # template whose user data installs and starts weft beside the ECS agent, an
 # Auto Scaling group of 3, the task definitions (the guide's dataproducer and
@@ -49,8 +50,25 @@ step "Creating ECS cluster ($CLUSTER)"
 awsx ecs create-cluster --cluster-name "$CLUSTER" >/dev/null
 done_
 
+step "Creating VPC ($VPC_CIDR, subnet $SUBNET_CIDR, internet gateway, route)"
+VPC=$(awsx ec2 create-vpc --cidr-block "$VPC_CIDR" --query Vpc.VpcId)
+save_state vpc "$VPC"
+awsx ec2 create-tags --resources "$VPC" --tags "Key=Name,Value=$NAME"
+awsx ec2 modify-vpc-attribute --vpc-id "$VPC" --enable-dns-hostnames '{"Value": true}'
+SUBNET=$(awsx ec2 create-subnet --vpc-id "$VPC" --cidr-block "$SUBNET_CIDR" --query Subnet.SubnetId)
+save_state subnet "$SUBNET"
+awsx ec2 modify-subnet-attribute --subnet-id "$SUBNET" --map-public-ip-on-launch
+IGW=$(awsx ec2 create-internet-gateway --query InternetGateway.InternetGatewayId)
+save_state internet_gateway "$IGW"
+awsx ec2 create-tags --resources "$IGW" --tags "Key=Name,Value=$NAME"
+awsx ec2 attach-internet-gateway --internet-gateway-id "$IGW" --vpc-id "$VPC"
+RT=$(awsx ec2 create-route-table --vpc-id "$VPC" --query RouteTable.RouteTableId)
+save_state route_table "$RT"
+awsx ec2 create-route --route-table-id "$RT" --destination-cidr-block 0.0.0.0/0 --gateway-id "$IGW" >/dev/null
+awsx ec2 associate-route-table --route-table-id "$RT" --subnet-id "$SUBNET" >/dev/null
+done_ "done ($VPC)"
+
 step "Creating Security Group ($SG_NAME)"
-VPC=$(awsx ec2 describe-vpcs --filters Name=isDefault,Values=true --query 'Vpcs[0].VpcId')
 SG=$(awsx ec2 create-security-group --group-name "$SG_NAME" --description "weft ECS demo" --vpc-id "$VPC" --query GroupId)
 save_state security_group "$SG"
 awsx ec2 authorize-security-group-ingress --group-id "$SG" --protocol tcp --port 22 --cidr 0.0.0.0/0 >/dev/null
@@ -115,7 +133,6 @@ rm -f "$STATE.template.json"
 done_
 
 step "Creating Auto Scaling Group ($GROUP) with $COUNT instances"
-SUBNET=$(awsx ec2 describe-subnets --filters "Name=vpc-id,Values=$VPC" --query 'Subnets[0].SubnetId')
 awsx autoscaling create-auto-scaling-group --auto-scaling-group-name "$GROUP" \
 	--launch-template "LaunchTemplateName=$TEMPLATE,Version=\$Latest" \
 	--min-size "$COUNT" --max-size "$COUNT" --desired-capacity "$COUNT" --vpc-zone-identifier "$SUBNET" \

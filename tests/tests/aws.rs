@@ -487,6 +487,11 @@ fn aws_ecs_setup_then_cleanup_leaves_nothing_behind() {
     assert!(decoded.contains("Restart=always") && decoded.contains("Wants=network-online.target docker.service") && decoded.contains("--no-block"), "boots: {decoded}");
     let policy = aws.aws(&["iam", "get-role-policy", "--role-name", "weft-ecs-demo-role", "--policy-name", "weft-ecs-demo-policy-binary"]);
     assert!(policy.to_string().contains("s3:GetObject"), "the role may read the binary: {policy}");
+    // Its own VPC (accounts without a default VPC work), the group's instances in it.
+    let vpc = aws.aws(&["ec2", "describe-vpcs", "--filters", "Name=tag:Name,Values=weft-ecs-demo"]);
+    assert_eq!(vpc["Vpcs"][0]["CidrBlock"], "10.0.0.0/16", "{vpc}");
+    let routes = aws.aws(&["ec2", "describe-route-tables", "--filters", &format!("Name=vpc-id,Values={}", vpc["Vpcs"][0]["VpcId"].as_str().unwrap_or_default())]);
+    assert!(routes.to_string().contains("0.0.0.0/0") && routes.to_string().contains("igw-"), "a default route through the gateway: {routes}");
     let sg = aws.aws(&["ec2", "describe-security-groups", "--filters", "Name=group-name,Values=weft-ecs-demo"]);
     let perms = sg["SecurityGroups"][0]["IpPermissions"].to_string();
     assert!(perms.contains("6783") && perms.contains("6784") && perms.contains("\"FromPort\":22") && perms.contains("\"FromPort\":80"), "{perms}");
@@ -505,6 +510,10 @@ fn aws_ecs_setup_then_cleanup_leaves_nothing_behind() {
     empty(aws.aws(&["ec2", "describe-launch-templates"])["LaunchTemplates"].clone(), "launch templates");
     empty(aws.aws(&["ec2", "describe-security-groups", "--filters", "Name=group-name,Values=weft-ecs-demo"])["SecurityGroups"].clone(), "security groups");
     empty(aws.aws(&["ec2", "describe-key-pairs"])["KeyPairs"].clone(), "key pairs");
+    empty(aws.aws(&["ec2", "describe-vpcs", "--filters", "Name=tag:Name,Values=weft-ecs-demo"])["Vpcs"].clone(), "VPCs");
+    empty(aws.aws(&["ec2", "describe-internet-gateways", "--filters", "Name=tag:Name,Values=weft-ecs-demo"])["InternetGateways"].clone(), "internet gateways");
+    let vpcs = aws.aws(&["ec2", "describe-vpcs"])["Vpcs"].clone();
+    assert_eq!(vpcs.as_array().map_or(0, Vec::len), 1, "only moto's default VPC is left: {vpcs}");
     empty(aws.aws(&["s3api", "list-buckets"])["Buckets"].clone(), "S3 buckets");
     let roles = aws.aws(&["iam", "list-roles"])["Roles"].clone();
     assert!(!roles.to_string().contains("weft-ecs-demo"), "IAM roles left: {roles}");
