@@ -372,6 +372,8 @@ impl Running {
         let ended = [
             ("api", self.api.is_finished()),
             ("docker", self.docker.as_ref().is_some_and(crate::docker::DockerService::is_finished)),
+            // It only ends when stopped: ended on its own, it panicked.
+            ("discovery", self.discovery.as_ref().is_some_and(Task::is_finished)),
             ("programmer", self.programmer.is_finished()),
             ("dns", self.dns.is_finished()),
             ("ipam", self.ipam.is_finished()),

@@ -238,7 +238,7 @@ pub struct LaunchArgs {
     pub pin_root: PathBuf,
 
     /// Name of this host's pin directory; default: the peer name.
-    #[arg(long)]
+    #[arg(long, env = "WEFT_PIN_NAME")]
     pub pin_name: Option<String>,
 
     /// Seconds between heartbeats (the timeout is five of them).
@@ -300,7 +300,7 @@ pub struct ResetArgs {
 
     /// The pin directory's name (as given to `weft launch`); default: the peer
     /// name in the state directory.
-    #[arg(long)]
+    #[arg(long, env = "WEFT_PIN_NAME")]
     pub pin_name: Option<String>,
 }
 

@@ -130,6 +130,18 @@ fn aws_failures_are_logged_retried_and_keep_the_peers() {
     assert!(a.exited().is_none(), "the agent keeps running");
     drop(a);
 
+    // No CA certificates (a minimal image): said, retried, no panic.
+    let mut env = aws.env();
+    env.extend([("SSL_CERT_FILE".to_string(), "/nonexistent".to_string()), ("SSL_CERT_DIR".to_string(), "/nonexistent".to_string())]);
+    let mut a = Agent::launch_with_env(&h, &[], DISCOVER, &env);
+    assert!(
+        wait_until(Duration::from_secs(20), || a.log().matches("no CA certificates found").count() >= 2),
+        "no certificates: logged and retried\n{}",
+        a.log()
+    );
+    assert!(a.exited().is_none() && !a.log().contains("panicked"), "the agent keeps running:\n{}", a.log());
+    drop(a);
+
     // Throttling and 5xx from the API: first before the agent has any peer...
     aws.inject_faults(12, 400, "Throttling");
     let a = Agent::launch_with_env(&h, &[], DISCOVER, &aws.env());
@@ -403,16 +415,9 @@ fn aws_ecs_setup_then_cleanup_leaves_nothing_behind() {
     }
     let mut lan = Underlay::new();
     let aws = std::sync::Arc::new(FakeAws::start(&mut lan));
-    let dir = std::env::temp_dir().join(weft_tests::unique("ecs"));
-    std::fs::create_dir_all(&dir).unwrap();
     // Removed however the test ends.
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(dir.clone());
+    let tmp = weft_tests::TempDir::new("ecs");
+    let dir = tmp.path().to_path_buf();
     // What gets uploaded for the instances to download (moto runs no
     // instance): a stand-in that answers --version as weft does.
     let fake = |name: &str, features: &str| {
@@ -550,4 +555,108 @@ fn aws_ecs_cloudformation_user_data_is_the_scripts_own() {
     let end = yaml.find("\n  AutoScalingGroup:").expect("the group after it");
     let got = format!("{}\n", yaml[start..end].trim_end());
     assert_eq!(got, want, "deploy/ecs/weft-ecs.yaml's UserData differs from deploy/ecs/data/user-data.sh: copy it over");
+}
+
+/// What an instance of the group does at boot, under a real systemd (booted
+/// with systemd-nspawn in the instance's simulated host): the user data
+/// setup.sh makes fetches the binary, checks its SHA-256, writes ecs.config,
+/// the unit and the ECS agent's drop-in, and starts weft with --no-block;
+/// weft runs under systemd with discovery only, serves DNS on 172.17.0.1 once
+/// docker0 has that address, and comes back after a crash (Restart=always).
+/// (The binary comes over HTTP here: moto's S3 would have to hold 300 MB of
+/// debug build; the S3 path is setup.sh's, checked in the test above.)
+#[test]
+fn aws_ecs_user_data_boots_weft_under_systemd() {
+    use weft_tests::systemd::Machine;
+    if !root_or_skip("aws_ecs_user_data_boots_weft_under_systemd") {
+        return;
+    }
+    let mut lan = Underlay::new();
+    let aws = FakeAws::start(&mut lan);
+    let subnet = Group::lan_subnet(&aws);
+    let group = Group::create_in(&aws, "weft-boot", 1, &[], &subnet);
+    let inst = group.instances(&aws);
+    let host = lan.host_at("boot", inst[0].1);
+    aws.imds_says(host.ip, &inst[0].0, inst[0].1);
+    host.ns.ip(&["route", "add", "default", "dev", "eth0"]);
+
+    // The binary, served from the AWS host.
+    let bin = weft_tests::agent::weft_bin();
+    let www = weft_tests::TempDir::new("www");
+    std::os::unix::fs::symlink(&bin, www.path().join("weft")).unwrap();
+    let server = aws.host.ns.cmd("python3").args(["-m", "http.server", "8099", "--bind", &aws.host.ip.to_string()]).arg("--directory").arg(www.path()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().expect("http.server");
+    let _server = KillOnDrop(server);
+    let url = format!("http://{}:8099/weft", aws.host.ip);
+    assert!(wait_until(Duration::from_secs(10), || host.ns.succeeds("curl", &["-fsI", &url])), "the download server answers");
+    let sha = String::from_utf8_lossy(&std::process::Command::new("sha256sum").arg(&bin).output().unwrap().stdout).split(' ').next().unwrap_or_default().to_string();
+
+    // The user data exactly as setup.sh renders it.
+    let lib = weft_tests::aws::repo().join("deploy/ecs/lib.sh");
+    let out = std::process::Command::new("bash").arg("-c").arg(r#". "$0" && user_data "$1" "$2" "$3""#).arg(&lib).args(["weft-boot-cluster", &url, &sha]).output().unwrap();
+    assert!(out.status.success(), "render: {}", String::from_utf8_lossy(&out.stderr));
+    let root = Machine::prepare("boot");
+    std::fs::create_dir_all(root.join("var/lib/cloud")).unwrap();
+    std::fs::write(root.join("var/lib/cloud/user-data.sh"), &out.stdout).unwrap();
+    std::fs::set_permissions(root.join("var/lib/cloud/user-data.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // cloud-init's final stage runs the user data once; the instance role's
+    // credentials and the metadata service come from the environment here.
+    Machine::install_unit(&root, "user-data.service", "[Unit]\nAfter=network.target\n[Service]\nType=oneshot\nExecStartPre=/bin/mkdir -p /usr/local/bin\nExecStart=/var/lib/cloud/user-data.sh\nRemainAfterExit=yes\nStandardOutput=journal+console\nStandardError=journal+console\n[Install]\nWantedBy=multi-user.target\n");
+    let mut env: String = aws.env().iter().map(|(k, v)| format!("Environment={k}={v}\n")).collect();
+    env.push_str(&format!("Environment=WEFT_PIN_NAME={}\nEnvironment=WEFT_DISCOVERY_INTERVAL=0.5\nStandardOutput=journal+console\nStandardError=journal+console\n", host.name));
+    Machine::install_unit(&root, "weft.service.d/test.conf", &format!("[Service]\n{env}"));
+    // An instance has CA certificates (the SDK needs them for HTTPS).
+    let machine = Machine::boot(root, &host.ns, &["/etc/ssl".to_string()]);
+
+    let weft = |args: &[&str]| host.ns.cmd(bin.to_str().unwrap()).args(args).output().expect("weft");
+    assert!(
+        wait_until(Duration::from_secs(120), || weft(&["status"]).status.success()),
+        "weft answers under systemd:\n{}\n{}",
+        machine.systemctl(&["status", "--no-pager", "user-data.service", "weft.service"]),
+        machine.journal()
+    );
+    let root = machine.root.clone();
+    let ecs = std::fs::read_to_string(root.join("etc/ecs/ecs.config")).unwrap_or_default();
+    assert!(ecs.contains("ECS_CLUSTER=weft-boot-cluster") && ecs.contains("DOCKER_HOST=unix:///var/run/weft/weft.sock"), "{ecs}");
+    assert!(root.join("etc/systemd/system/ecs.service.d/weft.conf").exists(), "the ECS agent follows weft");
+    assert_eq!(std::fs::read(root.join("usr/local/bin/weft")).ok().map(|b| b.len()), None, "/usr/local is the container's own tmpfs");
+    assert_eq!(machine.systemctl(&["is-active", "weft.service"]).trim(), "active");
+    let pids = machine.pids_of("weft");
+    assert_eq!(pids.len(), 1, "one agent: {pids:?}");
+    let ppid = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap_or_default().lines().find_map(|l| l.strip_prefix("PPid:").map(|p| p.trim().to_string()));
+    assert_eq!(ppid, machine.init_pid().map(|p| p.to_string()), "started by the container's systemd");
+    // Discovery only: the group of one decides the ring alone.
+    let report = || -> serde_json::Value { serde_json::from_slice(&weft(&["report"]).stdout).unwrap_or_default() };
+    assert!(
+        wait_until(Duration::from_secs(30), || report()["ipam"]["peers"].as_array().is_some_and(|p| p.len() == 1)),
+        "a group of one decides alone: {}\n{}",
+        report()["ipam"],
+        machine.inside("journalctl", &["--no-pager", "-u", "weft.service", "-n", "60"])
+    );
+    // docker0 comes up: DNS on 172.17.0.1 answers.
+    assert!(weft(&["dns-add", "10.32.0.9", "-h", "late.weave.local"]).status.success());
+    host.ns.ip(&["link", "add", "docker0", "type", "bridge"]);
+    host.ns.ip(&["addr", "add", "172.17.0.1/16", "dev", "docker0"]);
+    host.ns.ip(&["link", "set", "docker0", "up"]);
+    let dig = || {
+        let out = host.ns.cmd("dig").args(["@172.17.0.1", "+time=1", "+tries=1", "+short", "late.weave.local"]).output().expect("dig");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(wait_until(Duration::from_secs(10), || dig() == "10.32.0.9"), "DNS on docker0: {:?}", dig());
+    // A crash: systemd starts it again (RestartSec=5).
+    let _ = std::process::Command::new("kill").args(["-KILL", &pids[0].to_string()]).status();
+    assert!(
+        wait_until(Duration::from_secs(30), || machine.pids_of("weft").iter().any(|p| *p != pids[0]) && weft(&["status"]).status.success()),
+        "restarted after kill -9:\n{}",
+        machine.systemctl(&["status", "weft.service"])
+    );
+}
+
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

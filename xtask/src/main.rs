@@ -36,6 +36,9 @@ const PACKAGES: &[&str] = &[
     "busybox-static",
     // AWS: moto, awscli and cfn-lint from PyPI in a venv (see aws_venv).
     "python3-venv",
+    // The ECS user data and the systemd unit, booted under a real systemd.
+    "systemd-container",
+    "curl",
 ];
 
 /// The PyPI packages of the AWS tests.

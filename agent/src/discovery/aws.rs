@@ -49,6 +49,9 @@ impl AwsSource {
     }
 
     async fn connect(&self) -> Result<Ready, SourceError> {
+        // The SDK's HTTPS client panics when the system has no CA certificate
+        // (a minimal image, a container FROM scratch): say so and retry instead.
+        trust_store()?;
         let http = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
         let imds = aws_config::imds::Client::builder()
             .configure(&ProviderConfig::without_region().with_http_client(http.clone()))
@@ -101,6 +104,19 @@ impl AwsSource {
             std::fs::read_to_string("/etc/ecs/ecs.config").ok().and_then(|t| super::ecs_cluster_from_config(&t))
         })
     }
+}
+
+/// Whether the system's CA certificates can be loaded (where the SDK looks:
+/// SSL_CERT_FILE / SSL_CERT_DIR, else the distribution's store).
+fn trust_store() -> Result<(), SourceError> {
+    let found = rustls_native_certs::load_native_certs();
+    if found.certs.is_empty() {
+        let why = found.errors.first().map(|e| format!(" ({e})")).unwrap_or_default();
+        return Err(SourceError(format!(
+            "no CA certificates found{why}: AWS is reached over HTTPS; install ca-certificates (or set SSL_CERT_FILE to a bundle)"
+        )));
+    }
+    Ok(())
 }
 
 fn asg_err(what: &str, e: &dyn std::fmt::Display) -> SourceError {

@@ -37,6 +37,7 @@ cat >> /etc/ecs/ecs.config <<CONF
 ECS_CLUSTER=@CLUSTER@
 DOCKER_HOST=unix:///var/run/weft/weft.sock
 CONF
+mkdir -p /etc/default
 cat > /etc/default/weft <<CONF
 WEFT_DISCOVERY=aws-asg
 WEFT_ECS_CLUSTER=@CLUSTER@
