@@ -99,9 +99,9 @@ impl AppError {
             | AppError::State(StateError::Io { .. })
             | AppError::Ipam(IpamError::State(StateError::Io { .. }))
             | AppError::Dns(DnsError::State(StateError::Io { .. })) => exit::IO,
-            AppError::State(StateError::Corrupt { .. })
-            | AppError::Ipam(IpamError::State(StateError::Corrupt { .. }))
-            | AppError::Dns(DnsError::State(StateError::Corrupt { .. })) => exit::DATA,
+            AppError::State(StateError::Corrupt { .. } | StateError::Newer { .. })
+            | AppError::Ipam(IpamError::State(StateError::Corrupt { .. } | StateError::Newer { .. }))
+            | AppError::Dns(DnsError::State(StateError::Corrupt { .. } | StateError::Newer { .. })) => exit::DATA,
             AppError::RangeOverlap { .. }
             | AppError::Ipam(IpamError::RangeChanged { .. } | IpamError::SubnetOutside { .. })
             | AppError::Dns(DnsError::Domain { .. }) => exit::USAGE,

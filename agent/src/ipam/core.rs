@@ -1264,4 +1264,39 @@ mod tests {
         assert!(!fixed.size_from_discovery(7, &mut Vec::new()));
     }
 
+
+    /// A peer restored from an old state file (a VM snapshot) sees its own
+    /// entries newer in its peers' gossip: it takes them back instead of
+    /// refusing the peers for good.
+    #[test]
+    fn a_peer_restored_from_an_old_state_adopts_its_own_newer_entries() {
+        let range = net("10.32.0.0/24");
+        let mut peers: Vec<Ipam> = (0..2).map(|i| Ipam::new(p(i), range, range, Init::Consensus(2))).collect();
+        let both: BTreeSet<PeerName> = [p(0), p(1)].into();
+        let _ = peers[0].allocate("a", None, &both, &mut Vec::new());
+        for _ in 0..4 {
+            gossip(&mut peers, 0, 1);
+        }
+        assert!(!peers[0].ring().is_empty());
+        let snapshot = peers[0].persisted();
+        // Later: allocations bump peer 0's entries; peer 1 hears of them.
+        for k in 0..5 {
+            let _ = peers[0].allocate(&format!("later{k}"), None, &both, &mut Vec::new());
+        }
+        gossip(&mut peers, 0, 1);
+        // Peer 0 is rolled back to the snapshot.
+        let mut restored = Ipam::restore(p(0), range, Init::Consensus(2), snapshot);
+        let theirs = peers[1].gossip_state();
+        assert!(restored.on_gossip(&theirs, &mut Vec::new()).is_ok(), "its own newer entries are no conflict");
+        assert_eq!(restored.ring(), peers[1].ring(), "and are adopted");
+        // A peer with another history is still refused.
+        let mut stranger = Ipam::new(p(7), range, range, Init::Seed(vec![p(7)]));
+        stranger.refresh_free();
+        for _ in 0..3 {
+            let _ = stranger.allocate("s", None, &[p(7)].into(), &mut Vec::new());
+            stranger.refresh_free();
+        }
+        assert!(restored.on_gossip(&stranger.gossip_state(), &mut Vec::new()).is_err(), "another history conflicts");
+    }
+
 }

@@ -163,7 +163,10 @@ impl Ring {
         }
         for (t, oe) in &other.entries {
             let conflict = match self.entries.get(t) {
-                Some(se) => se.owner == me && oe.key() > se.key() && *oe != *se && !yielding.contains(t),
+                // A newer entry that still names us is our own later state,
+                // which we lost (a rolled-back state file, a VM snapshot):
+                // adopting it gives nothing away.
+                Some(se) => se.owner == me && oe.owner != me && oe.key() > se.key() && !yielding.contains(t),
                 None => self.owner_of(*t) == Some(me),
             };
             if conflict {
