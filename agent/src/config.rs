@@ -217,6 +217,7 @@ impl LaunchConfig {
             resolv_conf: args.resolv_conf.clone(),
             serve: !args.no_dns,
             listen: if args.no_dns { Vec::new() } else { args.dns_listen_address.clone() },
+            overlay: range,
         };
         Ok(LaunchConfig {
             state_dir: args.state_dir.clone(),
