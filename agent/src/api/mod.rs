@@ -2,6 +2,11 @@
 //! `/status`, `/status/{peers,connections,targets,...}` (text, as the CLI prints
 //! it), `/report` (JSON), `/connect`, `/forget`, `/metrics` (Prometheus), plus
 //! `/stop`, `/attach`, `/detach` and `/ps`. The CLI is a thin client of it.
+//!
+//! Only for clients on this host: a request whose `Host` is not a loopback
+//! name or address (DNS rebinding) or that carries an `Origin` (a web page in
+//! a browser) is refused with 403, as Docker, Consul and Prometheus do; a body
+//! over [`MAX_BODY`] is refused with 413.
 
 pub mod client;
 pub mod metrics;
@@ -84,8 +89,63 @@ fn text(body: String) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
-/// The routes.
+/// The largest request body the API reads: the biggest real one (an attach
+/// with its names) is a few hundred bytes.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// Whether `host` (a `Host` header: name or address, with or without a port)
+/// names this host's loopback.
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6] or [v6]:port
+        match rest.split_once(']') {
+            Some((addr, port)) if port.is_empty() || port.strip_prefix(':').is_some_and(|p| p.parse::<u16>().is_ok()) => addr,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.parse::<u16>().is_ok() => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refuses what a web page could send through a browser: any `Origin`, and a
+/// `Host` that is not loopback (a rebound name pointing at 127.0.0.1).
+async fn local_clients_only(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let headers = request.headers();
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = String::from_utf8_lossy(origin.as_bytes()).into_owned();
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            format!("refused: a cross-origin request (Origin: {origin}); the weft API serves programs on this host, not web pages"),
+        )
+        .into_response();
+    }
+    if let Some(host) = headers.get(header::HOST) {
+        let host = String::from_utf8_lossy(host.as_bytes()).into_owned();
+        if !is_loopback_host(&host) {
+            return ApiError(
+                StatusCode::FORBIDDEN,
+                format!("refused: Host {host:?} is not this host's loopback (DNS rebinding?); use localhost or 127.0.0.1"),
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// The routes, behind the local-clients-only check and the body limit.
 pub fn router(ctx: Ctx) -> Router {
+    routes(ctx)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(local_clients_only))
+}
+
+fn routes(ctx: Ctx) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/status/{what}", get(status_of))
@@ -127,7 +187,8 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, BindError
 pub fn spawn(listener: tokio::net::TcpListener, ctx: Ctx) -> Task<std::io::Error> {
     let span = tracing::info_span!("api", addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
     Task::spawn("api", span, CancellationToken::new(), move |cancel| async move {
-        axum::serve(listener, router(ctx)).with_graceful_shutdown(cancel.cancelled_owned()).await
+        let acceptor = crate::accept::Acceptor::new(listener, "api");
+        axum::serve(acceptor, router(ctx)).with_graceful_shutdown(cancel.cancelled_owned()).await
     })
 }
 
@@ -472,4 +533,19 @@ async fn dns_lookup(State(ctx): State<Ctx>, Path(name): Path<String>) -> Result<
         return Err(ApiError(StatusCode::NOT_FOUND, format!("{} not found", dns.fqdn(&name))));
     }
     Ok(text(addrs.iter().map(|a| format!("{a}\n")).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_host;
+
+    #[test]
+    fn only_loopback_hosts_pass() {
+        for ok in ["localhost", "localhost:6784", "LOCALHOST.", "api.localhost", "127.0.0.1", "127.0.0.1:6784", "127.9.9.9:1", "[::1]", "[::1]:6784"] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in ["evil.example", "evil.example:6784", "10.32.0.1:6784", "[::2]:6784", "127.0.0.1:x", "localhost.evil.example", "[::1]x", ""] {
+            assert!(!is_loopback_host(bad), "{bad}");
+        }
+    }
 }
