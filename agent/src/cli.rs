@@ -13,8 +13,9 @@ use crate::datapath::ebpf::Encap;
 #[command(name = "weft", version, about, propagate_version = true)]
 pub struct Cli {
     /// The local agent's HTTP API.
+    /// 127.0.0.1:PORT, tcp://127.0.0.1:PORT or unix:///PATH.
     #[arg(long, global = true, env = "WEFT_API", default_value = "127.0.0.1:6784")]
-    pub api: SocketAddr,
+    pub api: crate::api::ApiAddr,
 
     #[command(subcommand)]
     pub command: Command,

@@ -275,3 +275,57 @@ fn the_api_refuses_web_pages_and_rebound_names() {
     agent.cli(&["status"]);
     assert!(agent.cli(&["ps"]).contains("plain") || agent.http("GET", "/ip/plain").0 == 200);
 }
+
+/// Kills the agent we started on Drop (by its pid), and removes its files.
+struct OwnAgent {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for OwnAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}", std::fs::read_to_string(self.dir.join("log")).unwrap_or_default());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn the_api_is_served_on_a_unix_socket_and_the_cli_uses_it() {
+    if !root_or_skip("api_unix") {
+        return;
+    }
+    let mut underlay = Underlay::new();
+    let host = underlay.host("au");
+    let dir = std::env::temp_dir().join(weft_tests::unique("au"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let api = format!("unix://{}", dir.join("weft-api.sock").display());
+    let log = std::fs::File::create(dir.join("log")).expect("log");
+    let bin = weft_tests::agent::weft_bin();
+    let name = weft_tests::agent::peer_name(&weft_tests::unique("au"));
+    let state = dir.join("state").display().to_string();
+    let child = host
+        .ns
+        .cmd(bin.to_str().expect("utf-8"))
+        .args(["launch", "--api", &api, "--name", &name, "--iface", &host.iface, "--pin-name", &host.name])
+        .args(["--no-docker", "--ipalloc-init", "consensus=1", "--state-dir", &state])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn weft launch");
+    let agent = OwnAgent { child, dir };
+    let cli = |args: &[&str]| host.ns.cmd(bin.to_str().expect("utf-8")).env("WEFT_API", &api).args(args).output().expect("weft");
+    assert!(wait_until(Duration::from_secs(20), || cli(&["status"]).status.success()), "the CLI reaches the agent over WEFT_API={api}");
+    let ps = cli(&["--api", &api, "ps"]);
+    assert!(ps.status.success(), "--api unix:// too: {}", String::from_utf8_lossy(&ps.stderr));
+    // No TCP API when a unix socket is given.
+    assert!(!cli(&["--api", "127.0.0.1:6784", "status"]).status.success(), "no TCP API");
+    let path = api.trim_start_matches("unix://").to_string();
+    let origin = host.ns.run("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", &path, "-H", "Origin: http://evil.example", "http://localhost/status"]);
+    assert_eq!(origin.trim(), "403", "browser origins refused on the socket too");
+    drop(agent);
+}
