@@ -191,18 +191,18 @@ pub async fn run(config: LaunchConfig) -> Result<(), AppError> {
 
 /// This host is ours (the locks), and who we are (the state file).
 fn claim_host(config: &LaunchConfig) -> Result<(HostLock, Arc<StateStore>, PeerName), AppError> {
-    let lock = HostLock::state_dir(&config.state_dir, Some(config.api))?;
+    let lock = HostLock::state_dir(&config.state_dir, Some(config.api.clone()))?;
     let store = Arc::new(StateStore::open(&config.state_dir)?);
     let name = peer_name(config, &store)?;
     let opts = config.datapath_options(name);
-    let lock = lock.and_pins(&opts.pin_dir(), Some(config.api))?;
+    let lock = lock.and_pins(&opts.pin_dir(), Some(config.api.clone()))?;
     Ok((lock, store, name))
 }
 
 /// Every listening socket, bound before anything else: a port in use fails the
 /// launch before the kernel is touched.
 struct Bound {
-    api: tokio::net::TcpListener,
+    api: api::ApiListener,
     mesh: MeshBuilder,
     dns: Vec<crate::dns::server::Bound>,
     /// DNS listen addresses no interface has yet (docker0 comes up after weft
@@ -212,7 +212,7 @@ struct Bound {
 }
 
 async fn bind_all(config: &LaunchConfig, name: PeerName, store: &StateStore) -> Result<Bound, AppError> {
-    let api = api::bind(config.api).await?;
+    let api = api::bind(&config.api).await?;
     let saved = store.update(|s| {
         for p in &config.mesh.peers {
             if !s.peers.contains(p) {
@@ -245,7 +245,7 @@ async fn bind_all(config: &LaunchConfig, name: PeerName, store: &StateStore) -> 
 struct Running {
     shutdown: CancellationToken,
     reset: watch::Receiver<bool>,
-    api_addr: SocketAddr,
+    api_addr: api::ApiAddr,
     mesh_addr: SocketAddr,
     dp: Arc<dyn Datapath>,
     api: Task<std::io::Error>,
@@ -332,7 +332,7 @@ async fn start(
     });
     let shutdown = CancellationToken::new();
     let (reset_tx, reset_rx) = watch::channel(false);
-    let api_addr = api_listener.local_addr().unwrap_or(config.api);
+    let api_addr = api_listener.local_addr().unwrap_or_else(|| config.api.clone());
     let ctx = Ctx {
         mesh: mesh_handle,
         dp: dp.clone(),

@@ -21,8 +21,9 @@ const LONG_VERSION: &str = if cfg!(feature = "aws") {
 #[command(name = "weft", version, long_version = LONG_VERSION, about, propagate_version = true)]
 pub struct Cli {
     /// The local agent's HTTP API.
+    /// 127.0.0.1:PORT, tcp://127.0.0.1:PORT or unix:///PATH.
     #[arg(long, global = true, env = "WEFT_API", default_value = "127.0.0.1:6784")]
-    pub api: SocketAddr,
+    pub api: crate::api::ApiAddr,
 
     #[command(subcommand)]
     pub command: Command,

@@ -17,6 +17,7 @@ use ipnet::Ipv4Net;
 use crate::cli::LaunchArgs;
 use crate::datapath::ebpf::{EbpfOptions, Encap};
 use crate::discovery;
+use crate::api::ApiAddr;
 use crate::dns::{DnsConfig, DnsError};
 use crate::docker::Listen;
 use crate::docker::container::Naming;
@@ -62,8 +63,8 @@ pub enum ConfigError {
     ConnLimit,
     #[error("--vxlan-port must not be 0")]
     VxlanPort,
-    #[error("--api {given}: the API answers on loopback only; give 127.0.0.1:PORT")]
-    ApiNotLoopback { given: SocketAddr },
+    #[error("--api {given}: the API answers on loopback only; give 127.0.0.1:PORT or unix:///PATH")]
+    ApiNotLoopback { given: ApiAddr },
 }
 
 /// The mesh's settings, but for the peer name and version (known once the
@@ -132,7 +133,7 @@ pub struct LaunchConfig {
     pub name: Option<PeerName>,
     pub nickname: String,
     /// The HTTP API's address (loopback).
-    pub api: SocketAddr,
+    pub api: ApiAddr,
     pub mesh: MeshSettings,
     pub datapath: DatapathSettings,
     pub ipam: IpamSettings,
@@ -148,11 +149,11 @@ pub struct LaunchConfig {
 
 impl LaunchConfig {
     /// Checks `args` (and the global `--api`); touches nothing.
-    pub fn from_args(args: &LaunchArgs, api: SocketAddr) -> Result<LaunchConfig, ConfigError> {
+    pub fn from_args(args: &LaunchArgs, api: ApiAddr) -> Result<LaunchConfig, ConfigError> {
         if !HEARTBEAT_RANGE.contains(&args.heartbeat) {
             return Err(ConfigError::Heartbeat { given: args.heartbeat });
         }
-        if !api.ip().is_loopback() {
+        if !api.is_local() {
             return Err(ConfigError::ApiNotLoopback { given: api });
         }
         if args.conn_limit == 0 {
@@ -217,6 +218,7 @@ impl LaunchConfig {
             resolv_conf: args.resolv_conf.clone(),
             serve: !args.no_dns,
             listen: if args.no_dns { Vec::new() } else { args.dns_listen_address.clone() },
+            overlay: range,
         };
         Ok(LaunchConfig {
             state_dir: args.state_dir.clone(),

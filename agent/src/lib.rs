@@ -13,6 +13,7 @@
 //!   the launch flags checked; [`task`]: owned background tasks; [`app`] wires
 //!   everything.
 
+pub mod accept;
 pub mod api;
 pub mod app;
 pub mod attach;

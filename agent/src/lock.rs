@@ -9,7 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::net::SocketAddr;
+use crate::api::ApiAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -25,7 +25,7 @@ pub const LOCK_DIR: &str = "/run/weft/locks";
 pub struct Holder {
     pub pid: u32,
     /// Its API, if it is an agent (`reset --force` has none).
-    pub api: Option<SocketAddr>,
+    pub api: Option<ApiAddr>,
 }
 
 /// Why the locks could not be taken.
@@ -57,7 +57,7 @@ pub struct HostLock {
 
 impl HostLock {
     /// Takes the state directory's lock (the directory is created if missing).
-    pub fn state_dir(dir: &Path, api: Option<SocketAddr>) -> Result<HostLock, LockError> {
+    pub fn state_dir(dir: &Path, api: Option<ApiAddr>) -> Result<HostLock, LockError> {
         std::fs::create_dir_all(dir).map_err(|source| LockError::Io { path: dir.into(), source })?;
         let mut lock = HostLock { locks: Vec::new() };
         lock.take(&dir.join("weft.lock"), api)?;
@@ -65,7 +65,7 @@ impl HostLock {
     }
 
     /// Also takes the lock of the data path whose pins are in `pin_dir`.
-    pub fn and_pins(mut self, pin_dir: &Path, api: Option<SocketAddr>) -> Result<HostLock, LockError> {
+    pub fn and_pins(mut self, pin_dir: &Path, api: Option<ApiAddr>) -> Result<HostLock, LockError> {
         let path = pin_lock_path(pin_dir);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|source| LockError::Io { path: parent.into(), source })?;
@@ -74,7 +74,7 @@ impl HostLock {
         Ok(self)
     }
 
-    fn take(&mut self, path: &Path, api: Option<SocketAddr>) -> Result<(), LockError> {
+    fn take(&mut self, path: &Path, api: Option<ApiAddr>) -> Result<(), LockError> {
         let io = |source| LockError::Io { path: path.into(), source };
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path).map_err(io)?;
         let mut held = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -115,8 +115,8 @@ mod tests {
     #[test]
     fn a_second_holder_is_refused_with_the_first_ones_pid_and_api() {
         let dir = std::env::temp_dir().join(format!("weft-lock-{}-{}", std::process::id(), rand::random::<u32>()));
-        let api: SocketAddr = "127.0.0.1:6784".parse().unwrap();
-        let first = HostLock::state_dir(&dir, Some(api)).unwrap();
+        let api: ApiAddr = "127.0.0.1:6784".parse().unwrap();
+        let first = HostLock::state_dir(&dir, Some(api.clone())).unwrap();
         // flock is per open file: a second open in this process conflicts too.
         let e = HostLock::state_dir(&dir, None).unwrap_err();
         assert!(

@@ -69,25 +69,25 @@ fn init_logging(filter: &str) {
         .init();
 }
 
-async fn run_client(api: std::net::SocketAddr, command: Command) -> Result<String, ClientError> {
-    let get = |path: &'static str| client::request(api, Method::GET, path, None);
+async fn run_client(api: weft::api::ApiAddr, command: Command) -> Result<String, ClientError> {
+    let get = |path: &'static str| client::request(&api, Method::GET, path, None);
     match command {
         Command::Launch(_) => unreachable!("handled by main"),
-        Command::Stop => client::request(api, Method::POST, "/stop", None).await,
+        Command::Stop => client::request(&api, Method::POST, "/stop", None).await,
         Command::Connect { replace, peers } => {
             let mut pairs: Vec<(&str, &str)> = peers.iter().map(|p| ("peer", p.as_str())).collect();
             if replace {
                 pairs.push(("replace", "true"));
             }
-            client::request(api, Method::POST, "/connect", Some(client::form(&pairs))).await
+            client::request(&api, Method::POST, "/connect", Some(client::form(&pairs))).await
         }
         Command::Forget { peers } => {
             let pairs: Vec<(&str, &str)> = peers.iter().map(|p| ("peer", p.as_str())).collect();
-            client::request(api, Method::POST, "/forget", Some(client::form(&pairs))).await
+            client::request(&api, Method::POST, "/forget", Some(client::form(&pairs))).await
         }
         Command::Status { what } => match what.as_deref() {
             None => get("/status").await,
-            Some(w) => client::request(api, Method::GET, &format!("/status/{w}"), None).await,
+            Some(w) => client::request(&api, Method::GET, &format!("/status/{w}"), None).await,
         },
         Command::Report => get("/report").await.map(|s| pretty_json(&s)),
         Command::Attach(a) => {
@@ -102,10 +102,10 @@ async fn run_client(api: std::net::SocketAddr, command: Command) -> Result<Strin
                 no_multicast_route: a.no_multicast_route,
                 dns_name: a.dns_name,
             };
-            client::request(api, Method::POST, "/attach", Some(client::json(&req))).await
+            client::request(&api, Method::POST, "/attach", Some(client::json(&req))).await
         }
         Command::Detach { id } => {
-            client::request(api, Method::POST, "/detach", Some(client::json(&DetachRequest { id }))).await
+            client::request(&api, Method::POST, "/detach", Some(client::json(&DetachRequest { id }))).await
         }
         Command::Ps => get("/ps").await,
         Command::Env { restore } => {
@@ -123,18 +123,18 @@ async fn run_client(api: std::net::SocketAddr, command: Command) -> Result<Strin
         }
         Command::Config => Ok(format!("-H={}\n", first_line(get("/proxy").await?))),
         Command::Rmpeer { peer } => {
-            client::request(api, Method::DELETE, &format!("/peer/{}", url_segment(&peer)), None).await
+            client::request(&api, Method::DELETE, &format!("/peer/{}", url_segment(&peer)), None).await
         }
-        Command::Reset(args) => match client::request(api, Method::POST, "/reset", None).await {
+        Command::Reset(args) => match client::request(&api, Method::POST, "/reset", None).await {
             Err(e) if e.is_not_running() && args.force => {
                 weft::app::reset_offline(&args).await.map_err(|e| ClientError::Local(Box::new(e)))
             }
             other => other,
         },
-        Command::DnsAdd(a) => dns_change(api, a, true).await,
-        Command::DnsRemove(a) => dns_change(api, a, false).await,
+        Command::DnsAdd(a) => dns_change(&api, a, true).await,
+        Command::DnsRemove(a) => dns_change(&api, a, false).await,
         Command::DnsLookup { name } => {
-            client::request(api, Method::GET, &format!("/name/{}", url_segment(&name)), None).await
+            client::request(&api, Method::GET, &format!("/name/{}", url_segment(&name)), None).await
         }
     }
 }
@@ -161,7 +161,7 @@ fn url_segment(s: &str) -> String {
 }
 
 /// `weft dns-add` / `dns-remove`: `IP... [CONTAINER] [-h FQDN]` (Weave's form).
-async fn dns_change(api: std::net::SocketAddr, a: weft::cli::DnsArgs, add: bool) -> Result<String, ClientError> {
+async fn dns_change(api: &weft::api::ApiAddr, a: weft::cli::DnsArgs, add: bool) -> Result<String, ClientError> {
     let (ips, rest): (Vec<&String>, Vec<&String>) = a.args.iter().partition(|x| x.parse::<std::net::Ipv4Addr>().is_ok());
     if rest.len() > 1 {
         return Err(ClientError::Usage(format!("too many arguments: {rest:?}; give IP... [CONTAINER] [-h NAME]")));

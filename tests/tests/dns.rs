@@ -364,3 +364,140 @@ fn garbage_floods_and_oversized_packets_never_stop_the_server() {
 fn super_query() -> Vec<u8> {
     hickory_free_query::query(7, "alive.weave.local")
 }
+
+/// `dig` from `src` in `ns` to `server`, with `args`.
+fn dig_from(ns: &Netns, src: &str, server: &str, args: &[&str]) -> String {
+    let mut all = vec!["-b", src];
+    all.extend_from_slice(args);
+    dig(ns, server, &all)
+}
+
+#[test]
+fn strangers_get_refused_the_overlay_is_forwarded_and_rd_is_honoured() {
+    if !root_or_skip("dns_open_resolver") {
+        return;
+    }
+    let mut underlay = Underlay::new();
+    let host = underlay.host("or");
+    let _up = Upstream::start(&host.ns, "127.0.0.1", "192.0.2.7");
+    let resolv = resolv_conf(&["127.0.0.1"]);
+    // The DNS also listens on a /32 of the host (not the subnet of the link
+    // the stranger comes over).
+    host.ns.ip(&["addr", "add", "203.0.113.1/32", "dev", "lo"]);
+    let agent = Agent::launch(
+        &host,
+        &[],
+        &[
+            "--ipalloc-init",
+            "consensus=1",
+            "--dns-listen-address",
+            &format!("{DNS}:53"),
+            "--dns-listen-address",
+            "203.0.113.1:53",
+            "--resolv-conf",
+            resolv.to_str().unwrap(),
+        ],
+    );
+    agent.cli(&["dns-add", "10.32.3.3", "-h", "known.weave.local"]);
+    // Another machine on a link of the host: a stranger (192.0.2.2) and, on
+    // the same link, a source in the overlay range (10.32.250.2).
+    let outside = Netns::new("out");
+    host.ns.ip(&["link", "add", "wtout0", "type", "veth", "peer", "name", "wtout1", "netns", outside.name()]);
+    host.ns.ip(&["addr", "add", "192.0.2.1/30", "dev", "wtout0"]);
+    host.ns.ip(&["link", "set", "wtout0", "up"]);
+    host.ns.ip(&["route", "add", "10.32.250.2/32", "dev", "wtout0"]);
+    outside.ip(&["addr", "add", "192.0.2.2/30", "dev", "wtout1"]);
+    outside.ip(&["addr", "add", "10.32.250.2/32", "dev", "wtout1"]);
+    outside.ip(&["link", "set", "wtout1", "up"]);
+    outside.ip(&["route", "add", "203.0.113.1/32", "via", "192.0.2.1"]);
+    let server = "203.0.113.1";
+    let stranger = dig_from(&outside, "192.0.2.2", server, &["example.test"]);
+    assert_eq!(status(&stranger), "REFUSED", "a stranger's recursion: {stranger}");
+    assert!(!stranger.contains("192.0.2.7"), "{stranger}");
+    let ours = dig_from(&outside, "192.0.2.2", server, &["+short", "known.weave.local"]);
+    assert!(ours.contains("10.32.3.3"), "the domain is answered for everyone: {ours}");
+    let container = dig_from(&outside, "10.32.250.2", server, &["+short", "example.test"]);
+    assert!(container.contains("192.0.2.7"), "the overlay is forwarded for: {container}");
+    let no_rd = dig_from(&outside, "10.32.250.2", server, &["+nordflag", "example.test"]);
+    assert_eq!(status(&no_rd), "REFUSED", "RD clear: not forwarded: {no_rd}");
+    let no_rd_ours = dig_from(&outside, "10.32.250.2", server, &["+nordflag", "+short", "known.weave.local"]);
+    assert!(no_rd_ours.contains("10.32.3.3"), "RD clear: what we know is answered: {no_rd_ours}");
+    assert!(dig(&host.ns, DNS, &["+short", "example.test"]).contains("192.0.2.7"), "this host is forwarded for");
+    let (_, metrics) = agent.http("GET", "/metrics");
+    let refused = metrics.lines().find(|l| l.starts_with("weft_dns_queries_total{reason=\"refused\"}")).unwrap_or_default();
+    assert!(refused.ends_with(" 2"), "both refusals counted: {refused}");
+    let _ = std::fs::remove_file(resolv);
+}
+
+#[test]
+fn a_flood_of_forwards_to_a_silent_upstream_keeps_fds_and_memory_bounded() {
+    if !root_or_skip("dns_forward_flood") {
+        return;
+    }
+    let mut underlay = Underlay::new();
+    let host = underlay.host("ff");
+    // An upstream that never answers: a socket nobody reads.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let silent = on_thread_in(&host.ns, move || {
+        let s = std::net::UdpSocket::bind("127.0.0.9:53").expect("silent upstream");
+        tx.send(()).ok();
+        std::thread::sleep(Duration::from_secs(40));
+        drop(s);
+    });
+    rx.recv_timeout(Duration::from_secs(5)).expect("silent upstream bound");
+    let resolv = resolv_conf(&["127.0.0.9"]);
+    let agent = dns_agent(&host, &[], 1, &resolv);
+    let pid = agent.pid();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let kb = |field: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (fds_before, rss_before) = (fds(), kb("VmRSS:"));
+    // 60k queries for names nobody has, from 64 loopback sources (each within
+    // its rate limit: the bound on forwards in flight is what holds).
+    let flood = on_thread_in(&host.ns, || {
+        let mut sent = 0u32;
+        let socks: Vec<std::net::UdpSocket> =
+            (1..=64u8).filter_map(|i| std::net::UdpSocket::bind((Ipv4Addr::new(127, 0, 3, i), 0)).ok()).collect();
+        for n in 0..60_000u32 {
+            let mut q = hickory_free_query::query((n & 0xffff) as u16, &format!("n{n}.flood.test"));
+            q[2] |= 0x01; // RD
+            if socks[n as usize % socks.len()].send_to(&q, (DNS, 53)).is_ok() {
+                sent += 1;
+            }
+            if n % 2000 == 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        sent
+    });
+    let mut max_fds = 0;
+    while !flood.is_finished() {
+        max_fds = max_fds.max(fds());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = flood.join().expect("flood");
+    for _ in 0..20 {
+        max_fds = max_fds.max(fds());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let peak = kb("VmHWM:");
+    let (_, metrics) = agent.http("GET", "/metrics");
+    let line = |k: &str| metrics.lines().find(|l| l.starts_with(k)).unwrap_or_default().to_string();
+    eprintln!(
+        "sent {sent}; fds {fds_before} before, max {max_fds}; RSS {rss_before} kB before, peak {peak} kB; {}; {}",
+        line("weft_dns_queries_total{reason=\"overloaded\"}"),
+        line("weft_dns_forwards_in_flight")
+    );
+    assert!(max_fds < fds_before + 100, "file descriptors bounded: {fds_before} → {max_fds}");
+    assert!(peak.saturating_sub(rss_before) < 200 * 1024, "memory bounded: {rss_before} kB → peak {peak} kB");
+    assert!(!line("weft_dns_queries_total{reason=\"overloaded\"}").ends_with(" 0"), "the excess was counted");
+    agent.cli(&["dns-add", "10.32.3.4", "-h", "after.weave.local"]);
+    assert!(wait_until(Duration::from_secs(5), || short(&host.ns, DNS, "after.weave.local") == vec!["10.32.3.4"]), "still answering");
+    drop(silent);
+    let _ = std::fs::remove_file(resolv);
+}

@@ -1,18 +1,18 @@
 //! The CLI's side of the API: one HTTP/1.1 request per command.
 
-use std::net::SocketAddr;
-
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+
+use super::ApiAddr;
 
 /// Why a request to the agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach the weft agent at {addr}: {source}; is `weft launch` running? (--api or WEFT_API choose another address)")]
     Connect {
-        addr: SocketAddr,
+        addr: ApiAddr,
         #[source]
         source: std::io::Error,
     },
@@ -41,18 +41,33 @@ impl ClientError {
 /// Sends a request and returns the body of a successful answer; an error answer
 /// becomes [`ClientError::Refused`] carrying the agent's message.
 pub async fn request(
-    api: SocketAddr,
+    api: &ApiAddr,
     method: Method,
     path: &str,
     body: Option<(&str, Vec<u8>)>,
 ) -> Result<String, ClientError> {
-    let stream =
-        tokio::net::TcpStream::connect(api).await.map_err(|source| ClientError::Connect { addr: api, source })?;
+    let connect = |source| ClientError::Connect { addr: api.clone(), source };
+    match api {
+        ApiAddr::Tcp(a) => {
+            let stream = tokio::net::TcpStream::connect(a).await.map_err(connect)?;
+            exchange(stream, &a.to_string(), method, path, body).await
+        }
+        ApiAddr::Unix(p) => {
+            let stream = tokio::net::UnixStream::connect(p).await.map_err(connect)?;
+            exchange(stream, "localhost", method, path, body).await
+        }
+    }
+}
+
+async fn exchange<S>(stream: S, host: &str, method: Method, path: &str, body: Option<(&str, Vec<u8>)>) -> Result<String, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(ClientError::Http)?;
     tokio::spawn(conn);
-    let mut req = Request::builder().method(method).uri(path).header("host", api.to_string());
+    let mut req = Request::builder().method(method).uri(path).header("host", host);
     let payload = match body {
         Some((content_type, bytes)) => {
             req = req.header("content-type", content_type);

@@ -94,9 +94,20 @@ pub async fn handler(State(ctx): State<Ctx>) -> Response {
         let queries = Family::<ReasonLabels, Counter>::default();
         registry.register("weft_dns_queries", "DNS queries served here, by outcome", queries.clone());
         let c = dns.counters();
-        for (outcome, n) in [("answered", &c.answered), ("nxdomain", &c.nxdomain), ("forwarded", &c.forwarded), ("failed", &c.failed)] {
+        for (outcome, n) in [
+            ("answered", &c.answered),
+            ("nxdomain", &c.nxdomain),
+            ("forwarded", &c.forwarded),
+            ("failed", &c.failed),
+            ("refused", &c.refused),
+            ("rate_limited", &c.rate_limited),
+            ("overloaded", &c.overloaded),
+        ] {
             queries.get_or_create(&ReasonLabels { reason: outcome.into() }).inc_by(n.load(Relaxed));
         }
+        let in_flight = Gauge::<i64>::default();
+        registry.register("weft_dns_forwards_in_flight", "Queries being forwarded upstream now", in_flight.clone());
+        in_flight.set(c.in_flight.load(Relaxed) as i64);
     }
 
     let endpoints = Gauge::<i64>::default();

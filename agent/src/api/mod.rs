@@ -2,6 +2,11 @@
 //! `/status`, `/status/{peers,connections,targets,...}` (text, as the CLI prints
 //! it), `/report` (JSON), `/connect`, `/forget`, `/metrics` (Prometheus), plus
 //! `/stop`, `/attach`, `/detach` and `/ps`. The CLI is a thin client of it.
+//!
+//! Only for clients on this host: a request whose `Host` is not a loopback
+//! name or address (DNS rebinding) or that carries an `Origin` (a web page in
+//! a browser) is refused with 403, as Docker, Consul and Prometheus do; a body
+//! over [`MAX_BODY`] is refused with 413.
 
 pub mod client;
 pub mod metrics;
@@ -84,8 +89,63 @@ fn text(body: String) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
-/// The routes.
+/// The largest request body the API reads: the biggest real one (an attach
+/// with its names) is a few hundred bytes.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// Whether `host` (a `Host` header: name or address, with or without a port)
+/// names this host's loopback.
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6] or [v6]:port
+        match rest.split_once(']') {
+            Some((addr, port)) if port.is_empty() || port.strip_prefix(':').is_some_and(|p| p.parse::<u16>().is_ok()) => addr,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.parse::<u16>().is_ok() => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refuses what a web page could send through a browser: any `Origin`, and a
+/// `Host` that is not loopback (a rebound name pointing at 127.0.0.1).
+async fn local_clients_only(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let headers = request.headers();
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = String::from_utf8_lossy(origin.as_bytes()).into_owned();
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            format!("refused: a cross-origin request (Origin: {origin}); the weft API serves programs on this host, not web pages"),
+        )
+        .into_response();
+    }
+    if let Some(host) = headers.get(header::HOST) {
+        let host = String::from_utf8_lossy(host.as_bytes()).into_owned();
+        if !is_loopback_host(&host) {
+            return ApiError(
+                StatusCode::FORBIDDEN,
+                format!("refused: Host {host:?} is not this host's loopback (DNS rebinding?); use localhost or 127.0.0.1"),
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// The routes, behind the local-clients-only check and the body limit.
 pub fn router(ctx: Ctx) -> Router {
+    routes(ctx)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(local_clients_only))
+}
+
+fn routes(ctx: Ctx) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/status/{what}", get(status_of))
@@ -108,26 +168,139 @@ pub fn router(ctx: Ctx) -> Router {
         .with_state(ctx)
 }
 
+/// Where the API is served (`--api`, `WEFT_API`): `127.0.0.1:6784` or
+/// `tcp://127.0.0.1:6784` (loopback only), or `unix:///run/weft/weft-api.sock`.
+/// Written as given, so lock files and messages keep the TCP form bare.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ApiAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// An `--api` value that is neither form.
+#[derive(Debug, thiserror::Error)]
+#[error("--api {given:?}: give 127.0.0.1:PORT, tcp://127.0.0.1:PORT or unix:///PATH (an absolute path)")]
+pub struct ApiAddrError {
+    pub given: String,
+}
+
+impl std::str::FromStr for ApiAddr {
+    type Err = ApiAddrError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ApiAddrError { given: s.to_string() };
+        if let Some(path) = s.strip_prefix("unix://") {
+            let path = PathBuf::from(path);
+            return if path.is_absolute() { Ok(ApiAddr::Unix(path)) } else { Err(err()) };
+        }
+        s.strip_prefix("tcp://").unwrap_or(s).parse().map(ApiAddr::Tcp).map_err(|_| err())
+    }
+}
+
+impl std::fmt::Display for ApiAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApiAddr::Tcp(a) => write!(f, "{a}"),
+            ApiAddr::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+impl TryFrom<String> for ApiAddr {
+    type Error = ApiAddrError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<ApiAddr> for String {
+    fn from(a: ApiAddr) -> String {
+        a.to_string()
+    }
+}
+
+impl ApiAddr {
+    /// Whether only this host can reach it (loopback, or a unix socket).
+    pub fn is_local(&self) -> bool {
+        match self {
+            ApiAddr::Tcp(a) => a.ip().is_loopback(),
+            ApiAddr::Unix(_) => true,
+        }
+    }
+}
+
 /// Why the API could not listen.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot serve the API on {addr}: {source} (is another weft running? pass --api)")]
 pub struct BindError {
-    pub addr: SocketAddr,
+    pub addr: ApiAddr,
     #[source]
     pub source: std::io::Error,
 }
 
-/// Binds the API's address (a launch binds everything before it touches the
-/// kernel).
-pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })
+/// A bound API socket.
+#[derive(Debug)]
+pub enum ApiListener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, PathBuf),
 }
 
-/// Serves the API on `listener` until the task is stopped.
-pub fn spawn(listener: tokio::net::TcpListener, ctx: Ctx) -> Task<std::io::Error> {
+impl ApiListener {
+    /// Where it listens (a TCP port 0 resolved).
+    pub fn local_addr(&self) -> Option<ApiAddr> {
+        match self {
+            ApiListener::Tcp(l) => l.local_addr().ok().map(ApiAddr::Tcp),
+            ApiListener::Unix(_, p) => Some(ApiAddr::Unix(p.clone())),
+        }
+    }
+}
+
+/// A unix socket only root (the agent's user) may use: the API can stop the
+/// agent and hand out addresses. A socket left by a previous run (nothing
+/// answers on it) is replaced.
+fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("{} is in use", path.display())));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Binds the API's address (a launch binds everything before it touches the
+/// kernel).
+pub async fn bind(addr: &ApiAddr) -> Result<ApiListener, BindError> {
+    let err = |source| BindError { addr: addr.clone(), source };
+    match addr {
+        ApiAddr::Tcp(a) => tokio::net::TcpListener::bind(a).await.map(ApiListener::Tcp).map_err(err),
+        ApiAddr::Unix(p) => bind_unix(p).map(|l| ApiListener::Unix(l, p.clone())).map_err(err),
+    }
+}
+
+/// Serves the API on `listener` until the task is stopped (a unix socket is
+/// removed then).
+pub fn spawn(listener: ApiListener, ctx: Ctx) -> Task<std::io::Error> {
     let span = tracing::info_span!("api", addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
     Task::spawn("api", span, CancellationToken::new(), move |cancel| async move {
-        axum::serve(listener, router(ctx)).with_graceful_shutdown(cancel.cancelled_owned()).await
+        match listener {
+            ApiListener::Tcp(l) => {
+                let acceptor = crate::accept::Acceptor::new(l, "api");
+                axum::serve(acceptor, router(ctx)).with_graceful_shutdown(cancel.cancelled_owned()).await
+            }
+            ApiListener::Unix(l, path) => {
+                let acceptor = crate::accept::Acceptor::new(l, "api");
+                let served = axum::serve(acceptor, router(ctx)).with_graceful_shutdown(cancel.cancelled_owned()).await;
+                let _ = std::fs::remove_file(&path);
+                served
+            }
+        }
     })
 }
 
@@ -472,4 +645,31 @@ async fn dns_lookup(State(ctx): State<Ctx>, Path(name): Path<String>) -> Result<
         return Err(ApiError(StatusCode::NOT_FOUND, format!("{} not found", dns.fqdn(&name))));
     }
     Ok(text(addrs.iter().map(|a| format!("{a}\n")).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ApiAddr, is_loopback_host};
+
+    #[test]
+    fn api_addresses_in_both_forms() {
+        assert_eq!("127.0.0.1:6784".parse::<ApiAddr>().unwrap(), ApiAddr::Tcp("127.0.0.1:6784".parse().unwrap()));
+        assert_eq!("tcp://127.0.0.1:1".parse::<ApiAddr>().unwrap().to_string(), "127.0.0.1:1");
+        let unix: ApiAddr = "unix:///run/weft/weft-api.sock".parse().unwrap();
+        assert_eq!(unix, ApiAddr::Unix("/run/weft/weft-api.sock".into()));
+        assert_eq!(unix.to_string(), "unix:///run/weft/weft-api.sock");
+        assert!(unix.is_local());
+        assert!("unix://relative.sock".parse::<ApiAddr>().is_err());
+        assert!(!"0.0.0.0:6784".parse::<ApiAddr>().unwrap().is_local());
+    }
+
+    #[test]
+    fn only_loopback_hosts_pass() {
+        for ok in ["localhost", "localhost:6784", "LOCALHOST.", "api.localhost", "127.0.0.1", "127.0.0.1:6784", "127.9.9.9:1", "[::1]", "[::1]:6784"] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in ["evil.example", "evil.example:6784", "10.32.0.1:6784", "[::2]:6784", "127.0.0.1:x", "localhost.evil.example", "[::1]x", ""] {
+            assert!(!is_loopback_host(bad), "{bad}");
+        }
+    }
 }

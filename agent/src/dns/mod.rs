@@ -11,6 +11,7 @@
 //! Owns: the names. Uses the mesh's `dns` channel and the state store. Must not
 //! touch: the data path, IPAM, Docker.
 
+pub mod policy;
 pub mod server;
 pub mod table;
 pub mod upstream;
@@ -55,8 +56,10 @@ pub struct DnsConfig {
     /// gossiped, so this peer passes them on).
     pub serve: bool,
     /// The listen addresses the user gave: never forwarded to (a resolv.conf
-    /// that names weft itself would loop).
+    /// that names weft itself would loop); their subnets are forwarded for.
     pub listen: Vec<SocketAddr>,
+    /// The overlay range (`--ipalloc-range`): its sources are forwarded for.
+    pub overlay: ipnet::Ipv4Net,
 }
 
 impl DnsConfig {
@@ -159,7 +162,9 @@ pub fn spawn(config: DnsConfig, store: Arc<StateStore>, mesh: &mut MeshBuilder) 
     let domain_text = config.domain.to_ascii();
     let handler = config.serve.then(|| {
         let upstream = upstream::Upstream::new(&config.resolv_conf, config.listen.clone());
-        server::Handler::new(table.clone(), &config.domain, config.ttl, upstream, counters.clone())
+        let listen: Vec<std::net::IpAddr> = config.listen.iter().map(SocketAddr::ip).collect();
+        let recursion = policy::Recursion::new(config.overlay, &listen);
+        server::Handler::new(table.clone(), &config.domain, config.ttl, upstream, counters.clone(), recursion)
     });
     let commits = Arc::new(Commits { wanted: AtomicU64::new(0), kick: Notify::new(), written: watch::channel(0).0 });
     let cancel = CancellationToken::new();
@@ -235,6 +240,7 @@ impl DnsHandle {
     pub fn serve(&self, bound: server::Bound) -> Result<SocketAddr, DnsError> {
         let addr = bound.local_addr();
         let handler = self.handler.clone().ok_or(DnsError::Off)?;
+        handler.allow_subnet_of(addr.ip());
         let local = server::serve(bound, handler, self.cancel.child_token()).map_err(|source| DnsError::Listen { addr, source })?;
         info!(%local, domain = %self.domain_text, "DNS serving");
         Ok(local)

@@ -1,5 +1,8 @@
 //! The hickory-server request handler: answers the weft domain from the name
-//! table and forwards the rest.
+//! table and forwards the rest — for the sources [`Recursion`] allows, when
+//! the query asks for recursion (RD), within the per-source [`RateLimit`] and
+//! the upstream's limit of forwards in flight; otherwise REFUSED (SERVFAIL when
+//! the forwards in flight are at their limit), each counted.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr;
@@ -19,6 +22,7 @@ use rand::seq::SliceRandom;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::policy::{RateLimit, Recursion};
 use super::table::NameTable;
 use super::upstream::Upstream;
 
@@ -29,6 +33,14 @@ pub struct Counters {
     pub nxdomain: AtomicU64,
     pub forwarded: AtomicU64,
     pub failed: AtomicU64,
+    /// Not forwarded: a stranger's query, or RD clear (REFUSED).
+    pub refused: AtomicU64,
+    /// Not forwarded: the source's rate limit (REFUSED).
+    pub rate_limited: AtomicU64,
+    /// Not forwarded: the forwards in flight were at their limit (SERVFAIL).
+    pub overloaded: AtomicU64,
+    /// Forwards running now (a gauge, kept by the upstream).
+    pub in_flight: AtomicU64,
 }
 
 struct Inner {
@@ -38,6 +50,72 @@ struct Inner {
     ttl: u32,
     upstream: Upstream,
     counters: Arc<Counters>,
+    recursion: Recursion,
+    rate: RateLimit,
+}
+
+/// Why a query that is not ours is not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoForward {
+    /// RD clear: the client asked us not to recurse.
+    NotDesired,
+    /// The source is not one we forward for.
+    Stranger,
+    RateLimited,
+    Overloaded,
+}
+
+impl NoForward {
+    fn code(self) -> ResponseCode {
+        match self {
+            NoForward::NotDesired | NoForward::Stranger | NoForward::RateLimited => ResponseCode::Refused,
+            NoForward::Overloaded => ResponseCode::ServFail,
+        }
+    }
+}
+
+/// A place among the forwards in flight; the gauge follows it.
+struct Forwarding {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    counters: Arc<Counters>,
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Inner {
+    /// Whether (and with which permit) a query that is not ours is forwarded;
+    /// counts a refusal.
+    fn gate(&self, request: &Request) -> Result<Forwarding, NoForward> {
+        let src = request.src().ip();
+        let verdict = if !request.metadata.recursion_desired {
+            Err(NoForward::NotDesired)
+        } else if !self.recursion.allows(src) {
+            Err(NoForward::Stranger)
+        } else if !self.rate.allow(src, std::time::Instant::now()) {
+            Err(NoForward::RateLimited)
+        } else {
+            self.upstream.permit().ok_or(NoForward::Overloaded)
+        };
+        match verdict {
+            Ok(permit) => {
+                self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+                Ok(Forwarding { _permit: permit, counters: self.counters.clone() })
+            }
+            Err(why) => {
+                let counter = match why {
+                    NoForward::NotDesired | NoForward::Stranger => &self.counters.refused,
+                    NoForward::RateLimited => &self.counters.rate_limited,
+                    NoForward::Overloaded => &self.counters.overloaded,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                Err(why)
+            }
+        }
+    }
 }
 
 /// The handler (cheap to clone: one per listener).
@@ -46,9 +124,22 @@ pub struct Handler(Arc<Inner>);
 
 impl Handler {
     /// A handler for `domain` answering from `table`, forwarding through `upstream`.
-    pub fn new(table: Arc<NameTable>, domain: &Name, ttl: u32, upstream: Upstream, counters: Arc<Counters>) -> Self {
+    pub fn new(
+        table: Arc<NameTable>,
+        domain: &Name,
+        ttl: u32,
+        upstream: Upstream,
+        counters: Arc<Counters>,
+        recursion: Recursion,
+    ) -> Self {
         table.set_ttl(ttl);
-        Handler(Arc::new(Inner { table, domain: domain.to_lowercase(), ttl, upstream, counters }))
+        let rate = RateLimit::default();
+        Handler(Arc::new(Inner { table, domain: domain.to_lowercase(), ttl, upstream, counters, recursion, rate }))
+    }
+
+    /// Forwards for the subnet of `addr` too (a listen address added later).
+    pub fn allow_subnet_of(&self, addr: std::net::IpAddr) {
+        self.0.recursion.allow_subnet_of(addr);
     }
 }
 
@@ -159,13 +250,14 @@ impl Inner {
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response: R) -> ResponseInfo {
-        self.respond(request, response).await
+        self.respond(request, response, None).await
     }
 }
 
 impl Handler {
-    /// Answers `request` (TCP, and UDP queries that are forwarded).
-    async fn respond<R: ResponseHandler>(&self, request: &Request, mut response: R) -> ResponseInfo {
+    /// Answers `request` (TCP, and UDP queries that are forwarded, which come
+    /// with their place among the forwards in flight).
+    async fn respond<R: ResponseHandler>(&self, request: &Request, mut response: R, forwarding: Option<Forwarding>) -> ResponseInfo {
         let inner = &self.0;
         let edns = response_edns(request);
         let mut builder = MessageResponseBuilder::from_message_request(request);
@@ -173,7 +265,7 @@ impl Handler {
             builder.edns(e);
         }
         let mut meta = Metadata::response_from_request(&request.metadata);
-        meta.recursion_available = true;
+        meta.recursion_available = inner.recursion.allows(request.src().ip());
         let fail = |meta: Metadata, code| {
             let mut meta = meta;
             meta.response_code = code;
@@ -215,6 +307,13 @@ impl Handler {
                 send(&mut response, resp).await
             }
             Owned::Forward => {
+                let _forwarding = match forwarding.map_or_else(|| inner.gate(request), Ok) {
+                    Ok(f) => f,
+                    Err(why) => {
+                        let resp = builder.build_no_records(fail(meta, why.code()));
+                        return send(&mut response, resp).await;
+                    }
+                };
                 let tcp = request.protocol() == Protocol::Tcp;
                 match inner.upstream.forward(request.as_slice(), tcp).await.map(|b| Message::from_vec(&b)) {
                     Ok(Ok(up)) => {
@@ -327,7 +426,7 @@ impl Handler {
             builder.edns(e);
         }
         let mut meta = Metadata::response_from_request(&request.metadata);
-        meta.recursion_available = true;
+        meta.recursion_available = inner.recursion.allows(request.src().ip());
         meta.authoritative = true;
         match answer {
             Answer::Ours(refs) => {
@@ -338,10 +437,12 @@ impl Handler {
                 match code {
                     ResponseCode::NXDomain => inner.counters.nxdomain.fetch_add(1, Ordering::Relaxed),
                     ResponseCode::NoError => inner.counters.answered.fetch_add(1, Ordering::Relaxed),
+                    // Refusals were counted by the gate.
+                    ResponseCode::Refused | ResponseCode::ServFail => 0,
                     _ => inner.counters.failed.fetch_add(1, Ordering::Relaxed),
                 };
                 meta.response_code = code;
-                meta.authoritative = code != ResponseCode::FormErr;
+                meta.authoritative = code == ResponseCode::NoError || code == ResponseCode::NXDomain;
                 encode_udp(builder.build(meta, records.iter(), [].iter(), [].iter(), [].iter())).1
             }
             Answer::Forward => unreachable!("forwarded queries go to the async path"),
@@ -376,18 +477,26 @@ fn udp_thread(socket: Arc<std::net::UdpSocket>, handler: Handler, runtime: tokio
                 Ok(info) => handler.0.local(&index, info.query.name(), info.query.query_type()),
                 Err(_) => Answer::Records(ResponseCode::FormErr, Vec::new()),
             };
-            (!matches!(answer, Answer::Forward)).then(|| handler.answer_udp(&request, answer))
+            match answer {
+                // Decided here, before any task: a refused query costs no more
+                // than one of our own names.
+                Answer::Forward => match handler.0.gate(&request) {
+                    Ok(forwarding) => Err(forwarding),
+                    Err(why) => Ok(handler.answer_udp(&request, Answer::Records(why.code(), Vec::new()))),
+                },
+                answer => Ok(handler.answer_udp(&request, answer)),
+            }
         };
         match local {
-            Some(bytes) => {
+            Ok(bytes) => {
                 if let Err(e) = socket.send_to(&bytes, src) {
                     debug!(%src, error = %e, "cannot send a DNS answer");
                 }
             }
-            None => {
+            Err(forwarding) => {
                 let (handler, responder) = (handler.clone(), DirectUdp { socket: socket.clone(), dst: src });
                 runtime.spawn(async move {
-                    handler.respond(&request, responder).await;
+                    handler.respond(&request, responder, Some(forwarding)).await;
                 });
             }
         }

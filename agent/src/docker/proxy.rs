@@ -24,9 +24,10 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::create::{self, ImageConfig, Outcome};
+use crate::accept::Acceptor;
 
 /// Largest create request read (they are a few kilobytes; Docker's own config
 /// limits are far below this).
@@ -132,10 +133,6 @@ pub async fn bind(listen: &[Listen]) -> Result<Vec<Bound>, BindError> {
     Ok(bound)
 }
 
-/// How long an accept loop waits after a failure (file descriptors may have run
-/// out: retrying at once would spin).
-const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
-
 /// Serves on every bound listener until `cancel`; a unix socket is removed when
 /// it stops. Returns the addresses.
 pub fn serve(proxy: Arc<Proxy>, bound: Vec<Bound>, cancel: CancellationToken) -> Vec<Listen> {
@@ -145,13 +142,11 @@ pub fn serve(proxy: Arc<Proxy>, bound: Vec<Bound>, cancel: CancellationToken) ->
         match b {
             Bound::Unix { listener, path } => {
                 tokio::spawn(async move {
+                    let mut acceptor = Acceptor::new(listener, "docker proxy");
                     loop {
                         tokio::select! {
                             _ = cancel.cancelled() => break,
-                            r = listener.accept() => match r {
-                                Ok((s, _)) => { tokio::spawn(connection(proxy.clone(), s)); }
-                                Err(e) => { warn!(error = %e, "proxy: accept failed"); tokio::time::sleep(ACCEPT_BACKOFF).await; }
-                            }
+                            (s, _) = acceptor.accept() => { tokio::spawn(connection(proxy.clone(), s)); }
                         }
                     }
                     let _ = std::fs::remove_file(&path);
@@ -159,13 +154,11 @@ pub fn serve(proxy: Arc<Proxy>, bound: Vec<Bound>, cancel: CancellationToken) ->
             }
             Bound::Tcp { listener, .. } => {
                 tokio::spawn(async move {
+                    let mut acceptor = Acceptor::new(listener, "docker proxy");
                     loop {
                         tokio::select! {
                             _ = cancel.cancelled() => break,
-                            r = listener.accept() => match r {
-                                Ok((s, _)) => { let _ = s.set_nodelay(true); tokio::spawn(connection(proxy.clone(), s)); }
-                                Err(e) => { warn!(error = %e, "proxy: accept failed"); tokio::time::sleep(ACCEPT_BACKOFF).await; }
-                            }
+                            (s, _) = acceptor.accept() => { let _ = s.set_nodelay(true); tokio::spawn(connection(proxy.clone(), s)); }
                         }
                     }
                 });

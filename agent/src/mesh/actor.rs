@@ -1,6 +1,6 @@
 //! The mesh's I/O shell: one task that owns the [`Node`], the listener, the
 //! established connections and the [`Targets`], and runs the event loop. It
-//! accepts (pausing when `accept` fails), dials what the targets say is due,
+//! accepts (through the shared [`Acceptor`], which pauses when `accept` fails), dials what the targets say is due,
 //! admits handshaken connections by [`admit`], hands frames to the node and the
 //! node's messages to the connections, and publishes the status.
 //!
@@ -10,7 +10,7 @@
 //! `node`'s, what status shows is `status`'.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
@@ -21,6 +21,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, info, warn};
 
+use crate::accept::Acceptor;
+
 use super::close::{CloseReason, ConnError, ProtocolViolation};
 use super::conn::{self, ConnEvent, ConnSettings, Established};
 use super::handle::Command;
@@ -30,7 +32,7 @@ use super::status::{self, Link, MeshStatus, Snapshot};
 use super::targets::{Admission, Backoff, ConnId, Dial, TargetSource, Targets, admit};
 use super::wire::{Frame, Hello};
 use super::{
-    ANTI_ENTROPY_INTERVAL, DEFAULT_PORT, MAX_CONNECTIONS_PER_PEER, MAX_PEERS, MeshConfig, MeshError, PRUNE_INTERVAL,
+    ANTI_ENTROPY_INTERVAL, DEFAULT_PORT, MAX_CONNECTIONS_PER_PEER, MAX_PEERS, MAX_PENDING, MAX_PENDING_PER_SOURCE, MeshConfig, MeshError, PRUNE_INTERVAL,
     STOP_DRAIN,
 };
 
@@ -43,13 +45,8 @@ const EVENT_QUEUE: usize = 4096;
 /// Events handled in one go before topology updates go out, so that a burst of
 /// changes costs one message per neighbour, while commands still get a turn.
 const EVENT_BATCH: usize = 256;
-/// The first pause after a failed `accept` (out of file descriptors, say):
-/// retrying at once would spin and fill the log.
-const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(50);
-/// The longest pause: a listener that recovers is serving again within a second.
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// While accepts keep failing, a reminder in the log this often.
-const ACCEPT_REMIND: Duration = Duration::from_secs(60);
+/// While incoming connections are refused for [`MAX_PENDING`], a line this often.
+const PENDING_REMIND: Duration = Duration::from_secs(60);
 
 /// One established connection.
 struct Conn {
@@ -65,43 +62,6 @@ struct Conn {
     drained: Option<oneshot::Receiver<()>>,
     /// The connection's span: what the actor logs about it goes there.
     span: Span,
-}
-
-/// Pauses between failed accepts, doubling, and a log line per burst.
-#[derive(Debug)]
-struct AcceptBackoff {
-    /// Failed accepts since the last success.
-    failures: u64,
-    /// The next pause.
-    pause: Duration,
-    /// When this burst was last logged.
-    logged: Option<Instant>,
-}
-
-impl AcceptBackoff {
-    fn new() -> Self {
-        AcceptBackoff { failures: 0, pause: ACCEPT_BACKOFF_START, logged: None }
-    }
-
-    /// An accept failed at `now`: how long to stop accepting, and whether to
-    /// log it (the first failure of a burst, then every [`ACCEPT_REMIND`]).
-    fn failed(&mut self, now: Instant) -> (Duration, bool) {
-        self.failures += 1;
-        let pause = self.pause;
-        self.pause = (self.pause * 2).min(ACCEPT_BACKOFF_MAX);
-        let log = self.logged.is_none_or(|at| now.duration_since(at) >= ACCEPT_REMIND);
-        if log {
-            self.logged = Some(now);
-        }
-        (pause, log)
-    }
-
-    /// An accept succeeded: how many failed before it, if any did.
-    fn succeeded(&mut self) -> Option<u64> {
-        let failures = std::mem::take(&mut self.failures);
-        *self = AcceptBackoff::new();
-        (failures > 0).then_some(failures)
-    }
 }
 
 pub(super) struct Actor {
@@ -123,9 +83,11 @@ pub(super) struct Actor {
     /// Connections ended, by [`CloseReason::label`].
     terminations: BTreeMap<&'static str, u64>,
     rng: StdRng,
-    accept: AcceptBackoff,
-    /// Accepting resumes then (after failures).
-    accept_paused_until: Option<tokio::time::Instant>,
+    /// Accepted connections whose handshake has not finished, and their source.
+    pending: BTreeMap<ConnId, IpAddr>,
+    /// Refusals for [`MAX_PENDING`]: how many, and when last logged.
+    pending_refused: u64,
+    pending_logged: Option<Instant>,
 }
 
 impl Actor {
@@ -172,8 +134,9 @@ impl Actor {
             held_since: BTreeMap::new(),
             terminations: BTreeMap::new(),
             rng: StdRng::seed_from_u64(rand::random()),
-            accept: AcceptBackoff::new(),
-            accept_paused_until: None,
+            pending: BTreeMap::new(),
+            pending_refused: 0,
+            pending_logged: None,
         };
         (actor, events_rx)
     }
@@ -189,15 +152,12 @@ impl Actor {
         let mut dial_tick = tokio::time::interval(DIAL_INTERVAL);
         let mut gossip_tick = tokio::time::interval(ANTI_ENTROPY_INTERVAL);
         let stop = self.stop.clone();
+        let mut acceptor = Acceptor::new(listener, "mesh");
         self.publish();
         loop {
-            let paused_until = self.accept_paused_until;
             tokio::select! {
                 _ = stop.cancelled() => break,
-                accepted = listener.accept(), if paused_until.is_none() => self.accepted(accepted),
-                _ = tokio::time::sleep_until(paused_until.unwrap_or_else(tokio::time::Instant::now)), if paused_until.is_some() => {
-                    self.accept_paused_until = None;
-                }
+                (stream, addr) = acceptor.accept() => self.accepted(stream, addr),
                 Some(cmd) = cmds.recv() => {
                     if let Some(done) = self.command(cmd) {
                         self.stop_gracefully().await;
@@ -251,23 +211,24 @@ impl Actor {
         *self.terminations.entry(reason.label()).or_default() += 1;
     }
 
-    fn accepted(&mut self, accepted: std::io::Result<(TcpStream, SocketAddr)>) {
-        match accepted {
-            Ok((stream, addr)) => {
-                if let Some(failures) = self.accept.succeeded() {
-                    info!(failures, "accepting connections again");
-                }
-                let id = self.next_id();
-                conn::accept(id, stream, addr, self.settings.clone(), self.events.clone(), &self.stop);
+    fn accepted(&mut self, stream: TcpStream, addr: SocketAddr) {
+        let from_source = self.pending.values().filter(|ip| **ip == addr.ip()).count();
+        if self.pending.len() >= MAX_PENDING || from_source >= MAX_PENDING_PER_SOURCE {
+            // Closed at once (dropping the stream): no task, no buffer.
+            drop(stream);
+            self.count(CloseReason::PendingLimit);
+            self.pending_refused += 1;
+            let now = Instant::now();
+            if self.pending_logged.is_none_or(|at| now.duration_since(at) >= PENDING_REMIND) {
+                self.pending_logged = Some(now);
+                warn!(from = %addr, pending = self.pending.len(), from_source, refused = self.pending_refused,
+                    "closing incoming connections at once: {MAX_PENDING} in all or {MAX_PENDING_PER_SOURCE} from one address have not finished their handshake (one line a minute while it lasts)");
             }
-            Err(error) => {
-                let (pause, log) = self.accept.failed(Instant::now());
-                if log {
-                    warn!(%error, failures = self.accept.failures, "accept failed: pausing accepts, up to {ACCEPT_BACKOFF_MAX:?} at a time");
-                }
-                self.accept_paused_until = Some(tokio::time::Instant::now() + pause);
-            }
+            return;
         }
+        let id = self.next_id();
+        self.pending.insert(id, addr.ip());
+        conn::accept(id, stream, addr, self.settings.clone(), self.events.clone(), &self.stop);
     }
 
     /// Carries out a command; gives back the acknowledgement of a stop (the
@@ -346,7 +307,10 @@ impl Actor {
 
     fn event(&mut self, ev: ConnEvent) {
         match ev {
-            ConnEvent::Handshaken { id, target, addr, span, result } => self.handshaken(id, target, addr, span, result),
+            ConnEvent::Handshaken { id, target, addr, span, result } => {
+                self.pending.remove(&id);
+                self.handshaken(id, target, addr, span, result);
+            }
             ConnEvent::Frame { id, frame } => {
                 let Some(peer) = self.conns.get(&id).map(|c| c.peer) else { return };
                 let result = match frame {
@@ -628,28 +592,5 @@ mod tests {
         assert!(duplicates(&sa) + duplicates(&sb) >= 1, "the second connection was closed as a duplicate");
         a.leave().await.unwrap();
         b.leave().await.unwrap();
-    }
-
-    #[test]
-    fn failing_accepts_pause_longer_up_to_a_second_and_log_once_per_burst() {
-        let mut b = AcceptBackoff::new();
-        let t0 = Instant::now();
-        let mut pauses = Vec::new();
-        let mut logs = 0;
-        // A thousand failures over about seventeen minutes.
-        for i in 0..1000u32 {
-            let (pause, log) = b.failed(t0 + Duration::from_secs(u64::from(i)));
-            pauses.push(pause);
-            logs += usize::from(log);
-        }
-        let ms = |n| Duration::from_millis(n);
-        assert_eq!(pauses[..6], [ms(50), ms(100), ms(200), ms(400), ms(800), ms(1000)]);
-        assert!(pauses.iter().all(|p| *p <= ACCEPT_BACKOFF_MAX));
-        assert_eq!(logs, 17, "the first failure, then a reminder a minute");
-        assert_eq!(b.succeeded(), Some(1000), "the burst's count");
-        assert_eq!(b.succeeded(), None);
-        // A new burst starts from the shortest pause and is logged again.
-        assert_eq!(b.failed(t0), (ACCEPT_BACKOFF_START, true));
-        assert_eq!(b.failed(t0), (ACCEPT_BACKOFF_START * 2, false));
     }
 }

@@ -22,6 +22,9 @@ pub enum CloseReason {
     Duplicate,
     /// Refused: the connection limit was reached.
     ConnectionLimit,
+    /// Closed at once on accept: too many connections (from this address, or in
+    /// all) had not finished their handshake.
+    PendingLimit,
     /// The peer hung up.
     Closed,
     /// The peer sent something the protocol does not allow.
@@ -34,11 +37,12 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason.
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::Authentication,
         CloseReason::HeartbeatTimeout,
         CloseReason::Duplicate,
         CloseReason::ConnectionLimit,
+        CloseReason::PendingLimit,
         CloseReason::Closed,
         CloseReason::ProtocolError,
         CloseReason::SendQueueFull,
@@ -53,6 +57,7 @@ impl CloseReason {
             CloseReason::HeartbeatTimeout => "heartbeat_timeout",
             CloseReason::Duplicate => "duplicate",
             CloseReason::ConnectionLimit => "connection_limit",
+            CloseReason::PendingLimit => "pending_handshake_limit",
             CloseReason::Closed => "closed",
             CloseReason::ProtocolError => "protocol_error",
             // Counted with the other errors, as it always was.
@@ -73,7 +78,8 @@ impl WireError {
             WireError::NotWeft(_)
             | WireError::Version { .. }
             | WireError::Noise(_)
-            | WireError::FrameTooLarge(_)
+            | WireError::FrameTooLarge { .. }
+            | WireError::Trailing { .. }
             | WireError::Malformed(_) => CloseReason::ProtocolError,
             WireError::Io(_) | WireError::Encode(_) | WireError::Timeout(_) => CloseReason::Error,
         }
@@ -145,7 +151,17 @@ mod tests {
         let labels: Vec<&str> = CloseReason::ALL.iter().map(|r| r.label()).collect();
         assert_eq!(
             labels,
-            ["authentication", "heartbeat_timeout", "duplicate", "connection_limit", "closed", "protocol_error", "error", "error"]
+            [
+                "authentication",
+                "heartbeat_timeout",
+                "duplicate",
+                "connection_limit",
+                "pending_handshake_limit",
+                "closed",
+                "protocol_error",
+                "error",
+                "error"
+            ]
         );
     }
 
@@ -163,7 +179,7 @@ mod tests {
             (ConnError::Duplicate { peer: PeerName::new(1) }, "duplicate"),
             (ConnError::ConnectionLimit { limit: 3 }, "connection_limit"),
             (WireError::NotWeft(*b"GET ").into(), "protocol_error"),
-            (WireError::FrameTooLarge(1 << 40).into(), "protocol_error"),
+            (WireError::FrameTooLarge { len: 1 << 40, limit: crate::mesh::wire::MAX_FRAME }.into(), "protocol_error"),
             (WireError::Malformed("x".into()).into(), "protocol_error"),
             (ProtocolViolation::SecondHello.into(), "protocol_error"),
             (ProtocolViolation::Oversized.into(), "protocol_error"),

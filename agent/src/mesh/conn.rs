@@ -205,7 +205,10 @@ async fn start(
         let (mut reader, mut writer) = wire::framed(r, w, cipher);
         writer.write(&Frame::Hello(settings.hello.clone())).await?;
         match reader.read().await? {
-            Frame::Hello(hello) => Ok((hello, encrypted, reader, writer)),
+            Frame::Hello(hello) => {
+                reader.authenticated();
+                Ok((hello, encrypted, reader, writer))
+            }
             other => Err(WireError::Malformed(format!("expected a hello, got {other:?}"))),
         }
     };

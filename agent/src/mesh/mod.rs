@@ -60,6 +60,13 @@ pub const DEFAULT_HOLD: Duration = Duration::from_secs(600);
 pub const PRUNE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a stopping agent waits for its last words to leave.
 pub const STOP_DRAIN: Duration = Duration::from_secs(2);
+/// Accepted connections that have not finished their handshake, in all:
+/// more are closed at once (a stranger cannot hold the agent's descriptors
+/// and memory with half-open connections). Each lasts at most
+/// [`conn::HANDSHAKE_TIMEOUT`].
+pub const MAX_PENDING: usize = 64;
+/// ...and from one source address.
+pub const MAX_PENDING_PER_SOURCE: usize = 8;
 /// Limits on what a peer may claim in the topology (a bigger claim is refused
 /// and costs the sender its connection): peers in one update...
 pub const MAX_PEERS: usize = 10_000;

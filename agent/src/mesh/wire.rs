@@ -36,6 +36,11 @@ const FLAG_ENCRYPTED: u8 = 1;
 /// The largest frame accepted: a topology of a thousand well-connected peers fits.
 pub const MAX_FRAME: usize = 32 << 20;
 
+/// The largest frame accepted before the peer's [`Hello`] has arrived (the
+/// peer is not authenticated yet): a hello is a few dozen bytes, and a stranger
+/// must not make us buffer [`MAX_FRAME`] bytes per connection.
+pub const MAX_FIRST_FRAME: usize = 64 << 10;
+
 /// Plaintext bytes per Noise transport message (65535 minus the 16-byte tag).
 pub const CHUNK: usize = 65535 - 16;
 
@@ -63,8 +68,10 @@ pub enum WireError {
     ClosedDuringAuth,
     #[error("encryption: {0}")]
     Noise(String),
-    #[error("frame of {0} bytes is larger than the {MAX_FRAME}-byte limit")]
-    FrameTooLarge(usize),
+    #[error("frame of {len} bytes is larger than the {limit}-byte limit{}", if *.limit < MAX_FRAME { " for a frame before the handshake completes" } else { "" })]
+    FrameTooLarge { len: usize, limit: usize },
+    #[error("{trailing} trailing bytes after a {what} frame: not a weft peer, or a corrupt stream")]
+    Trailing { what: &'static str, trailing: usize },
     #[error("malformed frame: {0}")]
     Malformed(String),
     #[error("cannot encode a frame: {0}")]
@@ -99,9 +106,20 @@ impl Frame {
         postcard::to_stdvec(self).map_err(WireError::Encode)
     }
 
-    /// Decodes; any byte string that is not a frame is an error.
+    /// Decodes; any byte string that is not exactly one frame is an error
+    /// (bytes left after it too: the sender is not speaking this protocol).
     pub fn decode(bytes: &[u8]) -> Result<Frame, WireError> {
-        postcard::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+        let (frame, rest) =
+            postcard::take_from_bytes::<Frame>(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            let what = match frame {
+                Frame::Hello(_) => "hello",
+                Frame::Heartbeat => "heartbeat",
+                Frame::Gossip(_) => "gossip",
+            };
+            return Err(WireError::Trailing { what, trailing: rest.len() });
+        }
+        Ok(frame)
     }
 }
 
@@ -261,6 +279,9 @@ pub struct FrameReader<R> {
     cipher: Option<SharedCipher>,
     plain: Vec<u8>,
     chunk: Vec<u8>,
+    /// The largest frame accepted now: [`MAX_FIRST_FRAME`] until
+    /// [`FrameReader::authenticated`], then [`MAX_FRAME`].
+    limit: usize,
 }
 
 /// Writes frames to one side of a connection.
@@ -274,12 +295,17 @@ pub struct FrameWriter<W> {
 pub fn framed<R, W>(reader: R, writer: W, cipher: Option<snow::TransportState>) -> (FrameReader<R>, FrameWriter<W>) {
     let cipher = cipher.map(|c| std::sync::Arc::new(std::sync::Mutex::new(c)));
     (
-        FrameReader { inner: reader, cipher: cipher.clone(), plain: Vec::new(), chunk: vec![0u8; 65535] },
+        FrameReader { inner: reader, cipher: cipher.clone(), plain: Vec::new(), chunk: vec![0u8; 65535], limit: MAX_FIRST_FRAME },
         FrameWriter { inner: writer, cipher, out: vec![0u8; 65535] },
     )
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// The peer's hello has arrived: frames up to [`MAX_FRAME`] are accepted.
+    pub fn authenticated(&mut self) {
+        self.limit = MAX_FRAME;
+    }
+
     async fn fill(&mut self, want: usize) -> Result<(), WireError> {
         while self.plain.len() < want {
             match &self.cipher {
@@ -309,8 +335,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         // `fill` returned, so the bytes are there; the checks keep it so.
         let short = || WireError::Malformed("short read".into());
         let len = u32::from_be_bytes(*self.plain.first_chunk::<4>().ok_or_else(short)?) as usize;
-        if len > MAX_FRAME {
-            return Err(WireError::FrameTooLarge(len));
+        if len > self.limit {
+            return Err(WireError::FrameTooLarge { len, limit: self.limit });
         }
         self.fill(4 + len).await?;
         let frame = Frame::decode(self.plain.get(4..4 + len).ok_or_else(short)?);
@@ -324,7 +350,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub async fn write(&mut self, frame: &Frame) -> Result<(), WireError> {
         let body = frame.encode()?;
         if body.len() > MAX_FRAME {
-            return Err(WireError::FrameTooLarge(body.len()));
+            return Err(WireError::FrameTooLarge { len: body.len(), limit: MAX_FRAME });
         }
         let mut plain = Vec::with_capacity(4 + body.len());
         plain.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -381,6 +407,7 @@ mod tests {
         let (_, cipher) = handshake(&mut y, Some("s3cret"), false).await.unwrap();
         let (r, w) = tokio::io::split(y);
         let (mut yr, _yw) = framed(r, w, cipher);
+        yr.authenticated();
         let (_xr, mut xw) = a.await.unwrap();
         // A frame larger than one Noise message, cut into chunks.
         let big = Frame::Gossip(Gossip::Channel { channel: "dns".into(), payload: vec![7u8; 200_000] });
@@ -392,6 +419,29 @@ mod tests {
         assert_eq!(yr.read().await.unwrap(), Frame::Heartbeat);
         let got = yr.read().await.unwrap();
         assert_eq!(got, writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn before_the_hello_a_frame_may_not_exceed_the_small_limit() {
+        let (mut x, y) = tokio::io::duplex(1 << 20);
+        let (r, w) = tokio::io::split(y);
+        let (mut reader, _w) = framed(r, w, None);
+        // A 32 MiB length: refused on the length alone, nothing buffered.
+        x.write_all(&((32u32 << 20) - 1).to_be_bytes()).await.unwrap();
+        let err = reader.read().await.unwrap_err();
+        assert!(matches!(err, WireError::FrameTooLarge { limit: MAX_FIRST_FRAME, .. }), "{err:?}");
+        assert!(err.to_string().contains("65536-byte limit for a frame before the handshake completes"), "{err}");
+        assert!(reader.plain.capacity() < MAX_FIRST_FRAME, "nothing was buffered");
+    }
+
+    #[test]
+    fn bytes_after_a_frame_are_refused() {
+        let hello = Frame::Hello(Hello { name: PeerName::new(5), nickname: "x".into(), uid: 1, listen_port: 6783, data_addr: None });
+        let mut bytes = hello.encode().unwrap();
+        assert_eq!(Frame::decode(&bytes).unwrap(), hello);
+        bytes.extend_from_slice(b"xyz");
+        let err = Frame::decode(&bytes).unwrap_err();
+        assert!(matches!(err, WireError::Trailing { what: "hello", trailing: 3 }), "{err:?}");
     }
 
     #[tokio::test]
