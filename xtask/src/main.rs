@@ -4,6 +4,7 @@
 //! - `cargo xtask test [FILTER]`      install what is missing, run every test (or those matching FILTER)
 //! - `cargo xtask demo`               install, build, run the simulated multi-host demo
 //! - `cargo xtask bench NAME`         run a benchmark (datapath, ...)
+//! - `cargo xtask clean`              remove what crashed or killed runs left (see clean.rs)
 //!
 //! Tests, demo and benchmarks need root: network namespaces and eBPF.
 
@@ -11,6 +12,8 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
+
+mod clean;
 
 /// Debian packages every test, the demo or a benchmark needs.
 const PACKAGES: &[&str] = &[
@@ -49,9 +52,10 @@ fn main() -> ExitCode {
         Some("demo") => demo(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("install-deps") => install_deps(PACKAGES),
+        Some("clean") => clean(),
         _ => {
             eprintln!(
-                "usage: cargo xtask build-ebpf | test [FILTER...] | demo | bench NAME | install-deps"
+                "usage: cargo xtask build-ebpf | test [FILTER...] | demo | bench NAME | clean | install-deps"
             );
             return ExitCode::from(64);
         }
@@ -185,8 +189,29 @@ fn aws_venv() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Removes what earlier runs that crashed or were killed left, saying what.
+fn clean() -> Result<()> {
+    require_root("cargo xtask clean")?;
+    report_clean();
+    Ok(())
+}
+
+fn report_clean() {
+    let removed = clean::clean();
+    if removed.is_empty() {
+        eprintln!("clean: nothing left by earlier runs");
+    } else {
+        eprintln!("clean: removed {} things earlier runs left behind:", removed.len());
+        for r in removed {
+            eprintln!("  {r}");
+        }
+    }
+}
+
 fn test(filters: &[String]) -> Result<()> {
     prepare("cargo xtask test")?;
+    // Debris of killed runs (namespaces, pins, dockerds) would disturb this one.
+    report_clean();
     let venv = aws_venv()?;
     // The integration tests run the agent binary; cargo builds a package's
     // binaries only for that package's own tests, so build it explicitly. With
