@@ -556,5 +556,12 @@ pub fn kill_processes_under(dir: &Path) {
     for pid in &pids {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
     }
-    crate::wait_until(Duration::from_secs(5), || pids.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists()));
+    crate::wait_until(Duration::from_secs(5), || pids.iter().all(|p| !running(*p)));
+}
+
+/// The process exists and is not a zombie (killed, waiting to be reaped: it
+/// holds nothing any more).
+pub fn running(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()).is_some_and(|state| state != "Z")
 }

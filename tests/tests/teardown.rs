@@ -31,6 +31,12 @@ impl Terminal {
     /// SIGHUP).
     fn demo() -> Terminal {
         let pty = nix::pty::openpty(None, None).expect("openpty");
+        // openpty's descriptors are inherited by default: the demo (and every
+        // process it starts) would hold the master open, and closing ours would
+        // hang nothing up.
+        for fd in [&pty.master, &pty.slave] {
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC)).expect("close-on-exec pty");
+        }
         let slave = |what| Stdio::from(pty.slave.try_clone().unwrap_or_else(|e| panic!("pty {what}: {e}")));
         let child = Command::new("setsid")
             .arg("--ctty")
@@ -77,19 +83,33 @@ impl Terminal {
         let _ = self.keys.send(None);
     }
 
-    /// The demo's exit status, within `timeout`.
-    fn exit_within(&mut self, timeout: Duration) -> ExitStatus {
+    /// The demo's exit status, if it ends within `timeout`.
+    fn exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return status;
+                return Some(status);
             }
             if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("the demo did not end within {timeout:?} of the signal:\n{}", self.output());
+                return None;
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    /// A test that fails while the demo runs stops it with SIGTERM (it tears
+    /// itself down), SIGKILL if that does not end it.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        if self.exit_within(Duration::from_secs(90)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
@@ -145,6 +165,9 @@ fn leftovers(prefix: &str, pids: &[(i32, String)]) -> Vec<String> {
     found.extend(mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.contains(prefix)).map(|m| format!("mount {m}")));
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        if !weft_tests::cleanup::running(pid) {
+            continue;
+        }
         let cmdline = String::from_utf8_lossy(&std::fs::read(entry.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
         let link = |l: &str| std::fs::read_link(entry.path().join(l)).map(|p| p.display().to_string()).unwrap_or_default();
         let (root, cwd) = (link("root"), link("cwd"));
@@ -260,6 +283,13 @@ fn interrupt_demo(test: &str, how: Interrupt) {
     };
     let status = term.exit_within(Duration::from_secs(150));
     let output = term.output();
+    let Some(status) = status else {
+        let _ = term.child.kill();
+        let _ = term.child.wait();
+        sweep(&prefix, &pids);
+        panic!("the demo did not end within 150 s of the signal:\n{output}");
+    };
+    eprintln!("---- demo output ----\n{output}\n---- exit: {status} ----");
     // The terminal is gone after a hangup: its last lines cannot be read.
     if !matches!(how, Interrupt::HangupAtPrompt) {
         assert!(output.contains("tearing down"), "no progress shown:\n{output}");

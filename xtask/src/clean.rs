@@ -119,10 +119,11 @@ pub fn clean() -> Vec<String> {
     for (root, what) in [(Path::new(PIN_ROOT), "pin directory"), (tmp.as_path(), "temp entry")] {
         for (_, path) in entries(root).into_iter().filter(|(n, _)| orphaned(n)) {
             let gone = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-            if gone.is_ok() {
-                removed.push(format!("{what} {}", path.display()));
-            } else if let Err(e) = gone {
-                eprintln!("cargo xtask clean: cannot remove {}: {e}", path.display());
+            match gone {
+                Ok(()) => removed.push(format!("{what} {}", path.display())),
+                // Removed meanwhile by its owner, which has exited since.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => eprintln!("cargo xtask clean: cannot remove {}: {e}", path.display()),
             }
         }
     }
