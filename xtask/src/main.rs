@@ -159,6 +159,15 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Replaces this process with `cmd`: a Ctrl-C or a closed terminal then
+/// reaches the demo, bench or test runner alone, which tears down before it
+/// exits, instead of also ending xtask and giving the shell back mid-teardown.
+fn exec(cmd: &mut Command) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let error = cmd.exec();
+    Err(error).with_context(|| format!("cannot run {cmd:?}"))
+}
+
 fn has_nextest() -> bool {
     cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success())
 }
@@ -223,7 +232,7 @@ fn test(filters: &[String]) -> Result<()> {
     if has_nextest() {
         // Every test in its own process: namespaces entered by one cannot leak
         // into another, and a crash takes one test down, not the run.
-        run(cargo()
+        exec(cargo()
             .args(["nextest", "run", "--workspace", "--features", "weft/aws", "--no-fail-fast", "--profile", "ci"])
             .args(filters)
             .env("WEFT_AWS_VENV", &venv))
@@ -234,7 +243,7 @@ fn test(filters: &[String]) -> Result<()> {
         if let Some(filter) = filters.first() {
             cmd.arg(filter);
         }
-        run(&mut cmd)
+        exec(&mut cmd)
     }
 }
 
@@ -242,7 +251,7 @@ fn demo(args: &[String]) -> Result<()> {
     prepare("cargo xtask demo")?;
     run(cargo().args(["build", "--release", "-p", "weft", "-p", "weft-tests", "--bin", "weft", "--bin", "weft-demo"]))?;
     let bin = target_dir().join("release");
-    run(Command::new(bin.join("weft-demo")).args(args).env("WEFT_BIN", bin.join("weft")))
+    exec(Command::new(bin.join("weft-demo")).args(args).env("WEFT_BIN", bin.join("weft")))
 }
 
 fn bench(args: &[String]) -> Result<()> {
@@ -252,5 +261,5 @@ fn bench(args: &[String]) -> Result<()> {
     prepare("cargo xtask bench")?;
     run(cargo().args(["build", "--release", "-p", "weft", "-p", "weft-tests", "--bin", "weft", "--bin", "weft-bench"]))?;
     let bin = target_dir().join("release");
-    run(Command::new(bin.join("weft-bench")).arg(name).args(&args[1..]).env("WEFT_BIN", bin.join("weft")))
+    exec(Command::new(bin.join("weft-bench")).arg(name).args(&args[1..]).env("WEFT_BIN", bin.join("weft")))
 }
