@@ -236,6 +236,23 @@ fn sweep(prefix: &str, pids: &[(i32, String)]) {
     }
 }
 
+/// The demo's hosts forward IPv4 as Docker hosts do: a `docker run` on them,
+/// as the demo suggests trying, does not warn "IPv4 forwarding is disabled".
+fn no_forwarding_warning(output: &str) {
+    let host = output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("DOCKER_HOST=")?.strip_suffix(" docker ps"))
+        .unwrap_or_else(|| panic!("no DOCKER_HOST line:\n{output}"));
+    let out = weft_tests::docker::docker_cli(host)
+        .args(["run", "--rm", weft_tests::docker::BUSYBOX, "true"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("docker run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "docker run through the demo's proxy: {stderr}");
+    assert!(!stderr.contains("forwarding"), "docker run warns: {stderr}");
+}
+
 /// How the demo is interrupted.
 enum Interrupt {
     /// ^C at the "Press Enter" prompt.
@@ -261,6 +278,9 @@ fn interrupt_demo(test: &str, how: Interrupt) {
             std::thread::sleep(Duration::from_millis(700));
         }
         _ => term.wait_for("Press Enter", setup),
+    }
+    if matches!(how, Interrupt::CtrlCAtPrompt) {
+        no_forwarding_warning(&term.output());
     }
     let pids = processes_of(term.child.id(), &prefix);
     assert!(pids.len() >= 4, "the demo runs no dockerds and agents? {pids:?}\n{}", term.output());
