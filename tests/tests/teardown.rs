@@ -346,3 +346,87 @@ fn closed_terminal_at_the_prompt_leaves_nothing() {
 fn terminal_closed_while_tearing_down_leaves_nothing() {
     interrupt_demo("terminal_closed_while_tearing_down_leaves_nothing", Interrupt::CtrlCThenHangup);
 }
+
+/// Not a test on its own: what [`a_test_killed_at_its_time_limit_leaves_nothing`]
+/// runs in a child process. It makes a host with an agent and a capture, a
+/// thread that panics holding a namespace, and waits to be killed.
+#[test]
+#[ignore = "run by a_test_killed_at_its_time_limit_leaves_nothing"]
+fn holds_resources_until_killed() {
+    let mut lan = weft_tests::Underlay::new();
+    let host = lan.host("held");
+    let _agent = weft_tests::agent::Agent::launch(&host, &[], &[]);
+    let _capture = weft_tests::Capture::start(&host.ns, "eth0", &[]);
+    let (tx, rx) = channel();
+    let panicked = std::thread::spawn(move || {
+        let ns = weft_tests::Netns::new("thread");
+        let _ = tx.send(ns.path());
+        assert!(ns.name().is_empty(), "a panic in a thread, holding {}", ns.name());
+    })
+    .join();
+    assert!(panicked.is_err());
+    let held = rx.recv().expect("the thread's namespace");
+    assert!(!held.exists(), "the panicking thread's namespace {} is gone", held.display());
+    println!("HOLDING");
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+/// A test binary killed at nextest's time limit (SIGTERM) tears down what it
+/// holds: agent, capture, namespaces, pins, temp files.
+#[test]
+fn a_test_killed_at_its_time_limit_leaves_nothing() {
+    if !root_or_skip("a_test_killed_at_its_time_limit_leaves_nothing") {
+        return;
+    }
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "holds_resources_until_killed", "--ignored", "--nocapture"])
+        .env("WEFT_BIN", weft_bin())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the holding test");
+    let prefix = format!("wt{}x", child.id());
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        let mut reader = std::io::BufReader::new(stdout);
+        while std::io::BufRead::read_line(&mut reader, &mut out).is_ok_and(|n| n > 0) {
+            if out.contains("HOLDING") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let holding = rx.recv_timeout(Duration::from_secs(120)).is_ok();
+    let pids = processes_of(child.id(), &prefix);
+    let before = leftovers(&prefix, &[]);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut stderr));
+    let mut left = Vec::new();
+    let clean = wait_until(Duration::from_secs(5), || {
+        left = leftovers(&prefix, &pids);
+        left.is_empty()
+    });
+    if !clean {
+        sweep(&prefix, &pids);
+    }
+    assert!(holding, "the holding test did not get going:\n{stderr}");
+    assert!(before.iter().any(|l| l.starts_with("netns")) && !pids.is_empty(), "it held nothing? {before:?}");
+    assert!(clean, "left behind after {status:?}:\n  {}\n{stderr}", left.join("\n  "));
+    assert_eq!(status.and_then(|s| s.code()), Some(128 + 15), "{stderr}");
+    assert!(stderr.contains("tearing down"), "{stderr}");
+}
