@@ -255,6 +255,8 @@ fn no_forwarding_warning(output: &str) {
 
 /// How the demo is interrupted.
 enum Interrupt {
+    /// Enter at the prompt: the normal end, the same steps.
+    EnterAtPrompt,
     /// ^C at the "Press Enter" prompt.
     CtrlCAtPrompt,
     /// ^C while containers are being started.
@@ -296,6 +298,10 @@ fn interrupt_demo(test: &str, how: Interrupt) {
             term.close();
             128 + 2
         }
+        Interrupt::EnterAtPrompt => {
+            term.type_keys(b"\n");
+            0
+        }
         Interrupt::CtrlCAtPrompt | Interrupt::CtrlCMidSetup => {
             term.type_keys(b"\x03");
             128 + 2
@@ -325,6 +331,11 @@ fn interrupt_demo(test: &str, how: Interrupt) {
     }
     assert!(clean, "left behind after {status}:\n  {}\n---- demo output ----\n{output}", left.join("\n  "));
     assert_eq!(status.code(), Some(expected_code), "exit status\n{output}");
+}
+
+#[test]
+fn enter_at_the_prompt_leaves_nothing() {
+    interrupt_demo("enter_at_the_prompt_leaves_nothing", Interrupt::EnterAtPrompt);
 }
 
 #[test]
