@@ -565,3 +565,27 @@ pub fn running(pid: i32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()).is_some_and(|state| state != "Z")
 }
+
+/// Removes the cgroup `name` (a harness name, directly under the root of each
+/// hierarchy: `/sys/fs/cgroup/<name>` on cgroup v2, `/sys/fs/cgroup/<ctrl>/<name>`
+/// on v1) and the empty cgroups below it, deepest first. A cgroup that still
+/// has processes stays (rmdir refuses).
+pub fn remove_cgroups(name: &str) {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut candidates = vec![root.join(name)];
+    for ctrl in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        candidates.push(ctrl.path().join(name));
+    }
+    for c in candidates.into_iter().filter(|c| c.is_dir()) {
+        rmdir_tree(&c);
+    }
+}
+
+fn rmdir_tree(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            rmdir_tree(&entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}

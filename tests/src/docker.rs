@@ -39,6 +39,9 @@ impl Dockerd {
         let sock = dir.join("docker.sock");
         let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
         let theirs = dir.clone();
+        // The containers' cgroups under a name of ours, so what a killed
+        // container leaves there can be told from anyone else's and removed.
+        let cgroup = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         let child = Proc::spawn(
             format!("stopping dockerd of {} and its containers", host.name),
             host.ns
@@ -49,6 +52,7 @@ impl Dockerd {
                 .arg(format!("--pidfile={}", dir.join("docker.pid").display()))
                 .args(["--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none"])
                 .args(["--shutdown-timeout=1", "--log-level=warn"])
+                .arg(format!("--cgroup-parent=/{cgroup}"))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("log"))
                 .stderr(log),
@@ -125,8 +129,9 @@ pub fn docker_cli(host: &str) -> Command {
 /// SIGTERM their busybox PID 1 ignores), then SIGTERM: dockerd stops
 /// containerd. If it has not ended within 20 s (or at once when teardown
 /// hurries), SIGKILL, and then everything still running from its exec root
-/// (containerd, the shims and the containers below them). The mounts under the
-/// directory go with it ([`TempPath`]).
+/// (containerd, the shims and the containers below them), and the containers'
+/// cgroups (a killed container leaves its own). The mounts under the directory
+/// go with it ([`TempPath`]).
 fn stop_dockerd(child: &mut Child, dir: &Path) {
     if !cleanup::hurry() {
         kill_containers(&format!("unix://{}", dir.join("docker.sock").display()));
@@ -140,6 +145,9 @@ fn stop_dockerd(child: &mut Child, dir: &Path) {
     // containerd and its shims name the exec root (`--config`, `-address`);
     // the agent, which names dockerd's socket, is not among them.
     cleanup::kill_processes_under(&dir.join("exec"));
+    if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
+        cleanup::remove_cgroups(name);
+    }
 }
 
 /// `docker kill` every running container of `host`, a few seconds at most.

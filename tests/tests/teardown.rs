@@ -161,6 +161,12 @@ fn leftovers(prefix: &str, pids: &[(i32, String)]) -> Vec<String> {
     found.extend(names(weft::datapath::ebpf::DEFAULT_PIN_ROOT).into_iter().map(|n| format!("pin directory {n}")));
     let tmp = std::env::temp_dir();
     found.extend(names(&tmp.display().to_string()).into_iter().map(|n| format!("temp entry {n}")));
+    // The containers' cgroups (dockerd's --cgroup-parent), per hierarchy.
+    found.extend(names("/sys/fs/cgroup").into_iter().map(|n| format!("cgroup {n}")));
+    for ctrl in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        let dir = ctrl.path().display().to_string();
+        found.extend(names(&dir).into_iter().map(|n| format!("cgroup {dir}/{n}")));
+    }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     found.extend(mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.contains(prefix)).map(|m| format!("mount {m}")));
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -225,6 +231,12 @@ fn sweep(prefix: &str, pids: &[(i32, String)]) {
     for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
         if entry.file_name().to_string_lossy().starts_with(prefix) {
             let _ = Command::new("ip").args(["netns", "del"]).arg(entry.file_name()).status();
+        }
+    }
+    for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(prefix) {
+            weft_tests::cleanup::remove_cgroups(&name);
         }
     }
     for root in [std::env::temp_dir(), Path::new(weft::datapath::ebpf::DEFAULT_PIN_ROOT).to_path_buf()] {

@@ -10,7 +10,8 @@
 //! Processes are the dead run's when their command line names one of its temp
 //! entries (agents, dockerd, containerd and its shims) or they run inside one
 //! of its namespaces; the containers below a shim go with it. They are killed
-//! by pid (SIGKILL), then mounts, namespaces, pins and files are removed.
+//! by pid (SIGKILL), then mounts, namespaces, the containers' cgroups (named
+//! after their dockerd's directory), pins and files are removed.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 /// Where the agent pins its programs and maps (`weft::datapath::ebpf::DEFAULT_PIN_ROOT`).
 const PIN_ROOT: &str = "/sys/fs/bpf/weft";
 const NETNS_DIR: &str = "/run/netns";
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// The pid in a harness name `wt<pid>x<n>...`, if `name` has that shape.
 pub fn harness_pid(name: &str) -> Option<u32> {
@@ -116,6 +118,17 @@ pub fn clean() -> Vec<String> {
             removed.push(format!("netns {name}"));
         }
     }
+    // Cgroups of killed containers: the harness's dockerds put them under
+    // `--cgroup-parent=/<their directory's name>`, in every hierarchy.
+    let mut cgroup_roots = vec![PathBuf::from(CGROUP_ROOT)];
+    cgroup_roots.extend(entries(Path::new(CGROUP_ROOT)).into_iter().map(|(_, p)| p).filter(|p| p.is_dir()));
+    for root in cgroup_roots {
+        for (_, path) in entries(&root).into_iter().filter(|(n, p)| orphaned(n) && p.is_dir()) {
+            if rmdir_tree(&path) {
+                removed.push(format!("cgroup {}", path.display()));
+            }
+        }
+    }
     for (root, what) in [(Path::new(PIN_ROOT), "pin directory"), (tmp.as_path(), "temp entry")] {
         for (_, path) in entries(root).into_iter().filter(|(n, _)| orphaned(n)) {
             let gone = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
@@ -128,6 +141,16 @@ pub fn clean() -> Vec<String> {
         }
     }
     removed
+}
+
+/// Removes an (empty) cgroup and those below it, deepest first: rmdir only,
+/// cgroupfs's files go with their directory. False if it is still there
+/// (a process still in it).
+fn rmdir_tree(dir: &Path) -> bool {
+    for (_, sub) in entries(dir).into_iter().filter(|(_, p)| p.is_dir()) {
+        rmdir_tree(&sub);
+    }
+    std::fs::remove_dir(dir).is_ok()
 }
 
 /// Exists and is not a zombie (a killed process waiting for its parent).
@@ -219,6 +242,13 @@ mod tests {
             std::fs::write(tmp.join(format!("{p}2ag.log")), "log").unwrap();
             std::fs::create_dir_all(Path::new(PIN_ROOT).join(format!("{p}3host1"))).unwrap();
         }
+        // A killed container's cgroup below a dead dockerd's parent cgroup.
+        let cgroup_hierarchy = ["memory", "pids", ""].iter().map(|c| Path::new(CGROUP_ROOT).join(c)).find(|p| p.join("cgroup.procs").exists());
+        let dead_cgroup = cgroup_hierarchy.as_ref().map(|h| h.join(format!("{dead}1dk")));
+        let live_cgroup = cgroup_hierarchy.as_ref().map(|h| h.join(format!("{live}1dk")));
+        for c in dead_cgroup.iter().chain(&live_cgroup) {
+            std::fs::create_dir_all(c.join("0123abcd")).unwrap();
+        }
         // A mount under the dead run's dockerd directory, a "containerd" naming
         // it, a "container" below that, and a process inside its namespace.
         let mnt = tmp.join(format!("{dead}1dk/exec/netns"));
@@ -264,10 +294,16 @@ mod tests {
         let _ = std::fs::remove_file(tmp.join(format!("{live}2ag.log")));
         let _ = std::fs::remove_dir_all(Path::new(PIN_ROOT).join(format!("{live}3host1")));
         let still_mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(&dead);
+        let cgroup_left = dead_cgroup.as_ref().is_some_and(|c| c.exists());
+        let live_cgroup_kept = live_cgroup.as_ref().is_none_or(|c| c.join("0123abcd").exists());
+        if let Some(c) = &live_cgroup {
+            rmdir_tree(c);
+        }
 
         assert!(dead_left.is_empty(), "left: {dead_left:?}; removed: {removed:#?}");
         assert!(containerd_gone && in_ns_gone, "processes of the dead run still run; removed: {removed:#?}");
         assert!(!still_mounted, "a mount of the dead run is left");
-        assert!(live_kept && live_alive, "a live run's debris was touched: {removed:#?}");
+        assert!(!cgroup_left, "the dead run's cgroup is left: {removed:#?}");
+        assert!(live_kept && live_alive && live_cgroup_kept, "a live run's debris was touched: {removed:#?}");
     }
 }
