@@ -36,7 +36,7 @@ fn main() {
     // Ctrl-C, SIGTERM and SIGHUP tear down from here on.
     cleanup::install();
     let small = std::env::var_os("WEFT_DEMO_SMALL").is_some_and(|v| v == "1");
-    let (n_hosts, fetches): (usize, usize) = if small { (2, 2) } else { (3, 6) };
+    let (n_hosts, fetches): (usize, usize) = if small { (2, 6) } else { (3, 6) };
     println!("weft demo: {n_hosts} hosts (network namespaces on one LAN), each with its own dockerd and weft agent");
 
     step("hosts, Docker engines, agents");
