@@ -273,6 +273,8 @@ enum Interrupt {
     CtrlCAtPrompt,
     /// ^C while containers are being started.
     CtrlCMidSetup,
+    /// ^C while the first hosts, dockerds and agents are being made.
+    CtrlCEarly,
     /// The terminal closed at the prompt.
     HangupAtPrompt,
     /// ^C at the prompt, then the terminal closed while it tears down.
@@ -291,13 +293,19 @@ fn interrupt_demo(test: &str, how: Interrupt) {
             term.wait_for("== containers", setup);
             std::thread::sleep(Duration::from_millis(700));
         }
+        Interrupt::CtrlCEarly => {
+            term.wait_for("== hosts", setup);
+            // dockerd of host1 starting, or host2 being made.
+            std::thread::sleep(Duration::from_millis(1500));
+        }
         _ => term.wait_for("Press Enter", setup),
     }
     if matches!(how, Interrupt::CtrlCAtPrompt) {
         no_forwarding_warning(&term.output());
     }
     let pids = processes_of(term.child.id(), &prefix);
-    assert!(pids.len() >= 4, "the demo runs no dockerds and agents? {pids:?}\n{}", term.output());
+    let least = if matches!(how, Interrupt::CtrlCEarly) { 1 } else { 4 };
+    assert!(pids.len() >= least, "the demo runs no dockerds and agents? {pids:?}\n{}", term.output());
     let expected_code = match how {
         Interrupt::HangupAtPrompt => {
             term.close();
@@ -314,7 +322,7 @@ fn interrupt_demo(test: &str, how: Interrupt) {
             term.type_keys(b"\n");
             0
         }
-        Interrupt::CtrlCAtPrompt | Interrupt::CtrlCMidSetup => {
+        Interrupt::CtrlCAtPrompt | Interrupt::CtrlCMidSetup | Interrupt::CtrlCEarly => {
             term.type_keys(b"\x03");
             128 + 2
         }
@@ -358,6 +366,11 @@ fn ctrl_c_at_the_prompt_leaves_nothing() {
 #[test]
 fn ctrl_c_mid_setup_leaves_nothing() {
     interrupt_demo("ctrl_c_mid_setup_leaves_nothing", Interrupt::CtrlCMidSetup);
+}
+
+#[test]
+fn ctrl_c_while_the_hosts_are_made_leaves_nothing() {
+    interrupt_demo("ctrl_c_while_the_hosts_are_made_leaves_nothing", Interrupt::CtrlCEarly);
 }
 
 #[test]
