@@ -205,6 +205,9 @@ struct Bound {
     api: tokio::net::TcpListener,
     mesh: MeshBuilder,
     dns: Vec<crate::dns::server::Bound>,
+    /// DNS listen addresses no interface has yet (docker0 comes up after weft
+    /// at boot): served once they appear.
+    dns_later: Vec<SocketAddr>,
     proxy: Vec<crate::docker::proxy::Bound>,
 }
 
@@ -219,17 +222,23 @@ async fn bind_all(config: &LaunchConfig, name: PeerName, store: &StateStore) -> 
         s.peers.clone()
     })?;
     let mesh = MeshBuilder::bind(config.mesh_config(name, mesh::now_micros(), &saved)).await?;
-    let mut dns = Vec::new();
+    let (mut dns, mut dns_later) = (Vec::new(), Vec::new());
     if config.dns.serve {
         for addr in &config.dns.listen {
-            dns.push(crate::dns::server::bind(*addr).map_err(|source| DnsError::Listen { addr: *addr, source })?);
+            match crate::dns::server::bind(*addr) {
+                Ok(b) => dns.push(b),
+                // Not an address of this host (yet): a port in use or a bad
+                // address still fails here; a missing one is waited for.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => dns_later.push(*addr),
+                Err(source) => return Err(DnsError::Listen { addr: *addr, source }.into()),
+            }
         }
     }
     let proxy = match &config.docker {
         Some(d) => crate::docker::proxy::bind(&d.proxy).await?,
         None => Vec::new(),
     };
-    Ok(Bound { api, mesh, dns, proxy })
+    Ok(Bound { api, mesh, dns, dns_later, proxy })
 }
 
 /// Everything that runs, in the order it stops.
@@ -242,6 +251,7 @@ struct Running {
     api: Task<std::io::Error>,
     docker: Option<crate::docker::DockerService>,
     expose: Option<Task<std::convert::Infallible>>,
+    dns_later: Option<Task<std::convert::Infallible>>,
     discovery: Option<Task<crate::discovery::SourceError>>,
     programmer: Task<DatapathError>,
     dns: crate::dns::DnsService,
@@ -256,7 +266,7 @@ async fn start(
     bound: Bound,
     started: Instant,
 ) -> Result<Running, AppError> {
-    let Bound { api: api_listener, mesh: mut builder, dns: dns_bound, proxy: proxy_bound } = bound;
+    let Bound { api: api_listener, mesh: mut builder, dns: dns_bound, dns_later, proxy: proxy_bound } = bound;
     // The subsystems that read saved state come first: a state that does not fit
     // the flags fails here, before the data path exists.
     let table = crate::endpoints::register(&mut builder, mesh::now_micros());
@@ -267,6 +277,7 @@ async fn start(
     for b in dns_bound {
         dns_handle.serve(b)?;
     }
+    let dns_later = (!dns_later.is_empty()).then(|| spawn_dns_later(dns_handle.clone(), dns_later));
 
     // The data path: from here on nothing fails (so nothing has to be undone;
     // a start that fails half-way undoes itself on a fresh host).
@@ -346,6 +357,7 @@ async fn start(
         api,
         docker,
         expose,
+        dns_later,
         discovery,
         programmer,
         dns,
@@ -381,6 +393,9 @@ impl Running {
         }
         if let Some(t) = self.expose {
             report("expose", t.shutdown_within(left()).await);
+        }
+        if let Some(t) = self.dns_later {
+            report("dns-later", t.shutdown_within(left()).await);
         }
         if let Some(t) = self.discovery {
             report("discovery", t.shutdown_within(left()).await);
@@ -447,6 +462,36 @@ pub async fn reset_offline(args: &crate::cli::ResetArgs) -> Result<String, AppEr
 pub const HOST_ENDPOINT: &str = "weft:host";
 /// Its name in the host.
 pub const HOST_IFNAME: &str = "weft";
+
+/// How often a DNS listen address that is not on any interface yet is tried.
+const DNS_LATER_EVERY: Duration = Duration::from_secs(1);
+
+/// Serves DNS on `addrs` once they exist on an interface (`--dns-listen-address
+/// 172.17.0.1:53` at boot, before Docker made docker0): said once, then tried
+/// every second; any other error is logged and that address given up.
+fn spawn_dns_later(dns: crate::dns::DnsHandle, addrs: Vec<SocketAddr>) -> Task<std::convert::Infallible> {
+    Task::spawn("dns-later", tracing::info_span!("dns-later"), CancellationToken::new(), move |cancel| async move {
+        for addr in &addrs {
+            warn!(%addr, "DNS: no interface has this address yet (docker0 not up?); serving it once it appears");
+        }
+        let mut waiting = addrs;
+        while !waiting.is_empty() {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(DNS_LATER_EVERY) => {}
+            }
+            waiting.retain(|addr| match dns.listen(*addr) {
+                Ok(_) => false,
+                Err(crate::dns::DnsError::Listen { source, .. }) if source.kind() == std::io::ErrorKind::AddrNotAvailable => true,
+                Err(e) => {
+                    warn!(%addr, error = %e, "DNS: cannot serve this address; giving it up");
+                    false
+                }
+            });
+        }
+        Ok(())
+    })
+}
 
 /// Gives this host an address on the overlay (Weave's `expose`): an endpoint
 /// whose other end is in the host's own namespace, so containers can reach the

@@ -8,9 +8,17 @@ use ipnet::Ipv4Net;
 
 use crate::datapath::ebpf::Encap;
 
+/// `weft --version`: the version and the optional features this build has
+/// (deploy/ecs/setup.sh refuses a binary without `aws`).
+const LONG_VERSION: &str = if cfg!(feature = "aws") {
+    concat!(env!("CARGO_PKG_VERSION"), "\nfeatures: aws")
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), "\nfeatures: none (no --discovery aws-asg: build with `cargo build --release --features aws`)")
+};
+
 /// weft: a container overlay network for Linux hosts (the successor to Weave Net).
 #[derive(Debug, Parser)]
-#[command(name = "weft", version, about, propagate_version = true)]
+#[command(name = "weft", version, long_version = LONG_VERSION, about, propagate_version = true)]
 pub struct Cli {
     /// The local agent's HTTP API.
     #[arg(long, global = true, env = "WEFT_API", default_value = "127.0.0.1:6784")]

@@ -243,7 +243,11 @@ impl LaunchConfig {
             ipam: IpamSettings {
                 range,
                 default_subnet,
-                init: args.ipalloc_init.clone().unwrap_or(Init::Consensus(distinct_peers(&args.peers) + 1)),
+                // With a discovery source the group sizes the agreement (no
+                // number to get right on every host); else the peers given.
+                init: args.ipalloc_init.clone().unwrap_or_else(|| {
+                    if discovery.is_some() { Init::Discovery } else { Init::Consensus(distinct_peers(&args.peers) + 1) }
+                }),
                 reclaim_after: args.ipalloc_reclaim_after.0,
             },
             dns,

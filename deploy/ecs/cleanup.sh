@@ -72,6 +72,7 @@ step "Deleting IAM role ($ROLE) and instance profile ($PROFILE)"
 try awsx iam remove-role-from-instance-profile --instance-profile-name "$PROFILE" --role-name "$ROLE"
 try awsx iam delete-instance-profile --instance-profile-name "$PROFILE"
 try awsx iam delete-role-policy --role-name "$ROLE" --policy-name "$POLICY"
+try awsx iam delete-role-policy --role-name "$ROLE" --policy-name "$POLICY-binary"
 try awsx iam delete-role --role-name "$ROLE"
 done_
 
@@ -85,6 +86,27 @@ SG=$(load_state security_group)
 [ -n "$SG" ] || SG=$(awsx ec2 describe-security-groups --filters "Name=group-name,Values=$SG_NAME" --query 'SecurityGroups[0].GroupId' 2>/dev/null || true)
 if [ -n "$SG" ] && [ "$SG" != None ]; then
 	try awsx ec2 delete-security-group --group-id "$SG"
+fi
+done_
+
+step "Deleting VPC (route table, internet gateway, subnet)"
+VPC=$(load_state vpc)
+[ -n "$VPC" ] || VPC=$(awsx ec2 describe-vpcs --filters "Name=tag:Name,Values=$NAME" --query 'Vpcs[0].VpcId' 2>/dev/null || true)
+if [ -n "$VPC" ] && [ "$VPC" != None ]; then
+	for rt in $(load_state route_table); do
+		for assoc in $(awsx ec2 describe-route-tables --route-table-ids "$rt" --query 'RouteTables[0].Associations[].RouteTableAssociationId' 2>/dev/null); do
+			[ "$assoc" = None ] || try awsx ec2 disassociate-route-table --association-id "$assoc"
+		done
+		try awsx ec2 delete-route-table --route-table-id "$rt"
+	done
+	for igw in $(load_state internet_gateway); do
+		try awsx ec2 detach-internet-gateway --internet-gateway-id "$igw" --vpc-id "$VPC"
+		try awsx ec2 delete-internet-gateway --internet-gateway-id "$igw"
+	done
+	for subnet in $(load_state subnet); do
+		try awsx ec2 delete-subnet --subnet-id "$subnet"
+	done
+	try awsx ec2 delete-vpc --vpc-id "$VPC"
 fi
 done_
 

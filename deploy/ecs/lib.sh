@@ -21,13 +21,17 @@ INSTANCE_TYPE=t3.micro
 AMI=""
 WEFT_BINARY=""
 WEFT_URL=""
+WEFT_SHA256=""
 WAIT_TIMEOUT=600
+VPC_CIDR=10.0.0.0/16
+SUBNET_CIDR=10.0.1.0/24
 KEY_FILE="$PWD/$KEY_NAME.pem"
 
 usage() {
 	cat <<USAGE
 usage: $0 [--endpoint-url URL] [--region REGION] [--count N] [--instance-type TYPE]
-          [--ami AMI_ID] [--weft-binary PATH | --weft-url URL] [--wait-timeout SECONDS]
+          [--ami AMI_ID] [--weft-binary PATH | --weft-url URL --weft-sha256 HEX]
+          [--wait-timeout SECONDS]
           [--key-file PATH]
 USAGE
 	exit 64
@@ -43,6 +47,7 @@ parse_args() {
 		--ami) AMI=$2; shift 2 ;;
 		--weft-binary) WEFT_BINARY=$2; shift 2 ;;
 		--weft-url) WEFT_URL=$2; shift 2 ;;
+		--weft-sha256) WEFT_SHA256=$2; shift 2 ;;
 		--wait-timeout) WAIT_TIMEOUT=$2; shift 2 ;;
 		--key-file) KEY_FILE=$2; shift 2 ;;
 		-h | --help) usage ;;
@@ -86,4 +91,19 @@ save_state() {
 
 load_state() {
 	[ -f "$STATE" ] && grep -m1 "^$1=" "$STATE" | cut -d= -f2- || true
+}
+
+# The instances' user data: data/user-data.sh with the cluster, where weft comes
+# from, its SHA-256 and the systemd unit (deploy/weft.service) filled in. Plain
+# string replacement: no character of the values is special.
+user_data() {
+	local t unit
+	t=$(<"$HERE/data/user-data.sh")
+	unit=$(<"$HERE/../weft.service")
+	shopt -u patsub_replacement 2>/dev/null || true
+	t=${t//@CLUSTER@/$1}
+	t=${t//@WEFT_SOURCE@/$2}
+	t=${t//@WEFT_SHA256@/$3}
+	t=${t//@WEFT_UNIT@/$unit}
+	printf '%s\n' "$t"
 }

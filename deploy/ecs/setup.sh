@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the weft ECS demo (what the Weave ECS guide's setup.sh did, with weft):
-# an ECS cluster, a security group (TCP 6783 and UDP 6783-6784 between members;
+# an ECS cluster, its own VPC (10.0.0.0/16, a public subnet, an internet gateway
+# and a default route: accounts without a default VPC work too), a security group (TCP 6783 and UDP 6783-6784 between members;
 # 22 and 80 public), a key pair, an IAM role and instance profile, a launch
 # template whose user data installs and starts weft beside the ECS agent, an
 # Auto Scaling group of 3, the task definitions (the guide's dataproducer and
@@ -8,8 +9,11 @@
 # the URLs. cleanup.sh removes all of it.
 #
 # Needs the AWS CLI and credentials. The weft binary (built with
-# `cargo build --release --features aws`) is uploaded to a new S3 bucket and the
-# instances download it through a presigned URL; or pass --weft-url.
+# `cargo build --release --features aws`; a binary without it is refused) is
+# uploaded to a new S3 bucket that the instance role may read, so instances the
+# group launches later (replacements, scale-out) fetch it too; its SHA-256 is
+# checked on the instance before it is installed. Or pass --weft-url with
+# --weft-sha256 (an https URL that stays valid as long as the group runs).
 # --endpoint-url is passed to every AWS call (tests run this against moto).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -24,6 +28,21 @@ if [ -z "$WEFT_URL" ]; then
 		echo "no weft binary at $WEFT_BINARY: run 'cargo build --release --features aws' or pass --weft-binary/--weft-url" >&2
 		exit 1
 	}
+	# The instances find each other with --discovery aws-asg: a build without
+	# the aws feature would exit at once on every one of them.
+	features=$("$WEFT_BINARY" --version 2>/dev/null | sed -n 's/^features: //p')
+	case " $features " in
+	*" aws "*) ;;
+	*)
+		echo "$WEFT_BINARY was built without the aws feature (its --version says features: ${features:-nothing});" >&2
+		echo "the instances need it for --discovery aws-asg: build with 'cargo build --release --features aws'" >&2
+		exit 1
+		;;
+	esac
+	WEFT_SHA256=$(sha256sum "$WEFT_BINARY" | cut -d' ' -f1)
+elif [ -z "$WEFT_SHA256" ]; then
+	echo "--weft-url needs --weft-sha256 (sha256sum of the binary): the instances check it before installing" >&2
+	exit 64
 fi
 : >"$STATE"
 
@@ -31,8 +50,25 @@ step "Creating ECS cluster ($CLUSTER)"
 awsx ecs create-cluster --cluster-name "$CLUSTER" >/dev/null
 done_
 
+step "Creating VPC ($VPC_CIDR, subnet $SUBNET_CIDR, internet gateway, route)"
+VPC=$(awsx ec2 create-vpc --cidr-block "$VPC_CIDR" --query Vpc.VpcId)
+save_state vpc "$VPC"
+awsx ec2 create-tags --resources "$VPC" --tags "Key=Name,Value=$NAME"
+awsx ec2 modify-vpc-attribute --vpc-id "$VPC" --enable-dns-hostnames '{"Value": true}'
+SUBNET=$(awsx ec2 create-subnet --vpc-id "$VPC" --cidr-block "$SUBNET_CIDR" --query Subnet.SubnetId)
+save_state subnet "$SUBNET"
+awsx ec2 modify-subnet-attribute --subnet-id "$SUBNET" --map-public-ip-on-launch
+IGW=$(awsx ec2 create-internet-gateway --query InternetGateway.InternetGatewayId)
+save_state internet_gateway "$IGW"
+awsx ec2 create-tags --resources "$IGW" --tags "Key=Name,Value=$NAME"
+awsx ec2 attach-internet-gateway --internet-gateway-id "$IGW" --vpc-id "$VPC"
+RT=$(awsx ec2 create-route-table --vpc-id "$VPC" --query RouteTable.RouteTableId)
+save_state route_table "$RT"
+awsx ec2 create-route --route-table-id "$RT" --destination-cidr-block 0.0.0.0/0 --gateway-id "$IGW" >/dev/null
+awsx ec2 associate-route-table --route-table-id "$RT" --subnet-id "$SUBNET" >/dev/null
+done_ "done ($VPC)"
+
 step "Creating Security Group ($SG_NAME)"
-VPC=$(awsx ec2 describe-vpcs --filters Name=isDefault,Values=true --query 'Vpcs[0].VpcId')
 SG=$(awsx ec2 create-security-group --group-name "$SG_NAME" --description "weft ECS demo" --vpc-id "$VPC" --query GroupId)
 save_state security_group "$SG"
 awsx ec2 authorize-security-group-ingress --group-id "$SG" --protocol tcp --port 22 --cidr 0.0.0.0/0 >/dev/null
@@ -60,8 +96,16 @@ if [ -z "$WEFT_URL" ]; then
 	save_state bucket "$BUCKET"
 	awsx s3 mb "s3://$BUCKET" >/dev/null
 	awsx s3 cp "$WEFT_BINARY" "s3://$BUCKET/weft" >/dev/null
-	WEFT_URL=$(awsx s3 presign "s3://$BUCKET/weft" --expires-in 604800)
+	# The instance role reads exactly this object (no URL that expires).
+	cat >"$STATE.s3-policy.json" <<JSON
+{"Version": "2012-10-17", "Statement": [{"Sid": "WeftBinary", "Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::$BUCKET/weft"}]}
+JSON
+	awsx iam put-role-policy --role-name "$ROLE" --policy-name "$POLICY-binary" --policy-document "file://$STATE.s3-policy.json"
+	rm -f "$STATE.s3-policy.json"
+	WEFT_SOURCE="s3://$BUCKET/weft"
 	done_
+else
+	WEFT_SOURCE=$WEFT_URL
 fi
 
 if [ -z "$AMI" ]; then
@@ -72,9 +116,7 @@ if [ -z "$AMI" ]; then
 fi
 
 step "Creating Launch Template ($TEMPLATE)"
-# sed replacement text: & | and \ are special.
-sed_escape() { printf '%s' "$1" | sed -e 's/[&|\\]/\\&/g'; }
-USER_DATA=$(sed -e "s|@CLUSTER@|$(sed_escape "$CLUSTER")|g" -e "s|@WEFT_URL@|$(sed_escape "$WEFT_URL")|g" "$HERE/data/user-data.sh" | base64 | tr -d '\n')
+USER_DATA=$(user_data "$CLUSTER" "$WEFT_SOURCE" "$WEFT_SHA256" | base64 | tr -d '\n')
 cat >"$STATE.template.json" <<JSON
 {
   "ImageId": "$AMI",
@@ -91,7 +133,6 @@ rm -f "$STATE.template.json"
 done_
 
 step "Creating Auto Scaling Group ($GROUP) with $COUNT instances"
-SUBNET=$(awsx ec2 describe-subnets --filters "Name=vpc-id,Values=$VPC" --query 'Subnets[0].SubnetId')
 awsx autoscaling create-auto-scaling-group --auto-scaling-group-name "$GROUP" \
 	--launch-template "LaunchTemplateName=$TEMPLATE,Version=\$Latest" \
 	--min-size "$COUNT" --max-size "$COUNT" --desired-capacity "$COUNT" --vpc-zone-identifier "$SUBNET" \

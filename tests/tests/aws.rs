@@ -194,6 +194,190 @@ fn aws_discovery_builds_the_mesh_and_gates_ipam_reclaim() {
     assert_eq!(agents[0].ownership().values().sum::<u64>(), 65536, "the whole range is still owned");
 }
 
+/// IPAM's view as one agent reports it: (voters, quorum) while undecided, and
+/// what allocations wait for.
+fn consensus(a: &Agent) -> (Option<(u64, u64)>, String) {
+    let r = a.report();
+    let c = r["ipam"]["consensus"].as_array().and_then(|c| Some((c.first()?.as_u64()?, c.get(1)?.as_u64()?)));
+    (c, r["ipam"]["waiting_for"].as_str().unwrap_or_default().to_string())
+}
+
+/// `POST /ip/ID` on `a`: the address handed out.
+fn allocate(a: &Agent, id: &str) -> Ipv4Addr {
+    let (code, body) = a.http("POST", &format!("/ip/{id}"));
+    assert_eq!(code, 200, "allocate {id} on {}: {body}\n{}", a.nickname, a.log());
+    body.trim().split('/').next().and_then(|x| x.parse().ok()).unwrap_or_else(|| panic!("an address: {body}"))
+}
+
+/// Production's launch: `--discovery aws-asg` and nothing about peers or
+/// consensus. The group's size sizes the agreement: a lone host waits for a
+/// majority of its group, hosts booting in any order with delays agree on one
+/// ring, 200 allocations spread over them never repeat, hosts added by a
+/// scale-out take the ring over and get space, and after a scale-in from 5 to
+/// 2 the terminated hosts' space is reclaimed while the survivors keep theirs.
+#[test]
+fn aws_hosts_that_meet_only_through_the_group_agree_on_addresses() {
+    use rand::{RngExt, SeedableRng, seq::SliceRandom};
+    if !root_or_skip("aws_hosts_that_meet_only_through_the_group_agree_on_addresses") {
+        return;
+    }
+    let seed: u64 = std::env::var("WEFT_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (WEFT_TEST_SEED={seed} repeats this order and these delays)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut lan = Underlay::new();
+    let aws = FakeAws::start(&mut lan);
+    let subnet = Group::lan_subnet(&aws);
+    let group = Group::create_in(&aws, "weft-asg", 3, &[], &subnet);
+    let inst = group.instances(&aws);
+    assert_eq!(inst.len(), 3);
+    let mut hosts: Vec<_> = inst.iter().enumerate().map(|(i, (_, ip))| lan.host_at(&format!("i{i}"), *ip)).collect();
+    for ((id, ip), h) in inst.iter().zip(&hosts) {
+        aws.imds_says(h.ip, id, *ip);
+    }
+    // hosts[i] is instance ids[i].
+    let mut ids: Vec<String> = inst.iter().map(|(id, _)| id.clone()).collect();
+    let mut args = DISCOVER.to_vec();
+    // Only what the test needs to be quick: a small range, a short grace period.
+    args.extend(["--ipalloc-range", "10.32.0.0/22", "--ipalloc-reclaim-after", "2s"]);
+    let mut order: Vec<usize> = (0..3).collect();
+    order.shuffle(&mut rng);
+
+    // The first host boots while the others do not run weft yet: it must not
+    // decide alone (a group of 3 needs 2).
+    let first = Agent::launch_with_env(&hosts[order[0]], &[], &args, &aws.env());
+    assert!(
+        wait_until(Duration::from_secs(20), || consensus(&first).0.is_some_and(|(_, q)| q == 2)),
+        "the group of 3 sizes the quorum: {:?}\n{}",
+        consensus(&first),
+        first.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(first.ownership().is_empty(), "alone, nothing is decided: {:?}", first.ownership());
+    assert!(consensus(&first).1.contains("majority"), "status says what it waits for: {:?}", consensus(&first));
+
+    // The two others, in random order, each after a random delay up to 3 s.
+    let delays: Vec<u64> = (0..2).map(|_| rng.random_range(0..3000)).collect();
+    let (hosts_ref, args_ref, env) = (&hosts, &args, aws.env());
+    let mut agents: Vec<Option<Agent>> = (0..3).map(|_| None).collect();
+    let later: Vec<(usize, Agent)> = std::thread::scope(|s| {
+        let handles: Vec<_> = order[1..]
+            .iter()
+            .zip(&delays)
+            .map(|(&i, &ms)| {
+                let env = env.clone();
+                s.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    (i, Agent::launch_with_env(&hosts_ref[i], &[], args_ref, &env))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("launch")).collect()
+    });
+    agents[order[0]] = Some(first);
+    for (i, a) in later {
+        agents[i] = Some(a);
+    }
+    let mut agents: Vec<Agent> = agents.into_iter().map(|a| a.expect("launched")).collect();
+    assert!(
+        wait_until(Duration::from_secs(30), || agents.iter().all(|a| a.established() == 2)),
+        "a full mesh from the group alone:\n{}",
+        agents[0].log()
+    );
+    let total = 1024u64;
+    assert!(
+        wait_until(Duration::from_secs(30), || agents.iter().all(|a| a.ownership().values().sum::<u64>() == total)),
+        "one ring, the whole range owned: {:?}\n{}",
+        agents.iter().map(Agent::ownership).collect::<Vec<_>>(),
+        agents[0].log()
+    );
+    let ring = agents[0].ownership();
+    assert!(agents.iter().all(|a| a.ownership() == ring), "every host holds the same ring");
+
+    // 200 allocations spread over the hosts: none twice.
+    let mut held: std::collections::BTreeMap<Ipv4Addr, String> = std::collections::BTreeMap::new();
+    for k in 0..200 {
+        let i = rng.random_range(0..agents.len());
+        let id = format!("c{k}-on{i}");
+        let a = allocate(&agents[i], &id);
+        if let Some(prev) = held.insert(a, id.clone()) {
+            panic!("{a} handed out twice: {prev} and {id}");
+        }
+    }
+
+    // Scale out 3 -> 5: the new hosts take the ring over and get space.
+    group.scale(&aws, 5);
+    let now = group.instances(&aws);
+    assert_eq!(now.len(), 5, "moto has 5 InService");
+    for (id, ip) in now.iter().filter(|(id, _)| !inst.iter().any(|(x, _)| x == id)) {
+        let h = lan.host_at(&format!("i{}", hosts.len()), *ip);
+        aws.imds_says(h.ip, id, *ip);
+        agents.push(Agent::launch_with_env(&h, &[], &args, &aws.env()));
+        hosts.push(h);
+        ids.push(id.clone());
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || agents.iter().all(|a| a.established() == 4)),
+        "the new hosts join the mesh:\n{}",
+        agents[4].log()
+    );
+    for (i, a) in agents.iter().enumerate().skip(3) {
+        for k in 0..10 {
+            let id = format!("new{k}-on{i}");
+            let addr = allocate(a, &id);
+            if let Some(prev) = held.insert(addr, id.clone()) {
+                panic!("{addr} handed out twice: {prev} and {id}");
+            }
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || agents.iter().all(|a| a.ownership().len() == 5)),
+        "every host owns space: {:?}",
+        agents[0].ownership()
+    );
+
+    // Scale in 5 -> 2: three hosts are terminated (their agents die with them).
+    // The survivors (2 of 5: no majority of the owners) still reclaim, because
+    // discovery says the others are gone, not partitioned away.
+    std::thread::sleep(Duration::from_secs(2)); // IPAM notes every peer's address on its 1 s tick
+    let keep = [order[0], 4];
+    let before: Vec<_> = keep.iter().map(|&i| (agents[i].name.clone(), agents[keep[0]].ownership()[&agents[i].name])).collect();
+    let mut gone = Vec::new();
+    for i in (0..agents.len()).filter(|i| !keep.contains(i)) {
+        agents[i].kill9();
+        aws.aws(&["autoscaling", "terminate-instance-in-auto-scaling-group", "--instance-id", &ids[i], "--should-decrement-desired-capacity"]);
+        gone.push(agents[i].name.clone());
+    }
+    assert_eq!(group.instances(&aws).len(), 2);
+    assert!(
+        wait_until(Duration::from_secs(40), || keep.iter().all(|&i| {
+            let o = agents[i].ownership();
+            gone.iter().all(|g| !o.contains_key(g)) && o.values().sum::<u64>() == total
+        })),
+        "terminated hosts' space reclaimed by the survivors: {:?}\n{}",
+        agents[keep[0]].ownership(),
+        agents[keep[0]].log()
+    );
+    for (name, owned) in before {
+        assert!(agents[keep[0]].ownership()[&name] >= owned, "{name} keeps its own space ({owned} before)");
+    }
+    // The survivors' allocations are still theirs; new ones never repeat one.
+    for &i in &keep {
+        for (addr, id) in held.iter().filter(|(_, id)| id.ends_with(&format!("-on{i}"))) {
+            let (code, body) = agents[i].http("GET", &format!("/ip/{id}"));
+            assert_eq!((code, body.trim().split('/').next()), (200, Some(addr.to_string().as_str())), "{id} kept {addr}");
+        }
+        for k in 0..10 {
+            let id = format!("after{k}-on{i}");
+            let addr = allocate(&agents[i], &id);
+            // An address of a terminated host's container may come back; a
+            // survivor's never.
+            if let Some(prev) = held.insert(addr, id.clone()) {
+                assert!(!keep.iter().any(|s| prev.ends_with(&format!("-on{s}"))), "{addr} handed out twice: {prev} and {id}");
+            }
+        }
+    }
+}
+
 /// Runs a deploy/ecs script in the AWS host's namespace against moto.
 fn ecs_script(aws: &FakeAws, script: &str, args: &[&str], dir: &std::path::Path) -> std::process::Output {
     let path = format!("{}/bin:{}", weft_tests::aws::venv().display(), std::env::var("PATH").unwrap_or_default());
@@ -229,10 +413,25 @@ fn aws_ecs_setup_then_cleanup_leaves_nothing_behind() {
         }
     }
     let _cleanup = Cleanup(dir.clone());
-    // What gets uploaded for the instances to download (moto runs no instance).
-    let binary = dir.join("weft");
-    std::fs::write(&binary, "#!/bin/sh\necho weft\n").unwrap();
-    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // What gets uploaded for the instances to download (moto runs no
+    // instance): a stand-in that answers --version as weft does.
+    let fake = |name: &str, features: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\necho weft 0.1.0\necho 'features: {features}'\n")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        path
+    };
+    let binary = fake("weft", "aws");
+    let key = dir.join("key.pem");
+    // A build without the aws feature is refused before anything is created.
+    let plain = fake("weft-plain", "none (no --discovery aws-asg: build with `cargo build --release --features aws`)");
+    let refused = ecs_script(&aws, "setup.sh", &["--weft-binary", plain.to_str().unwrap(), "--key-file", key.to_str().unwrap()], &dir);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("without the aws feature") && err.contains("--features aws"), "refused with what to do: {err}");
+    assert_eq!(aws.aws(&["ecs", "list-clusters"])["clusterArns"].as_array().map_or(0, Vec::len), 0, "nothing created");
+    // The real binary says so too.
+    let version = std::process::Command::new(weft_tests::agent::weft_bin()).arg("--version").output().expect("weft --version");
+    assert!(String::from_utf8_lossy(&version.stdout).contains("features: aws"), "the test build has aws: {version:?}");
 
     // moto starts no ECS agent: this thread registers each InService instance with
     // the cluster, as the agent the user data starts would.
@@ -257,7 +456,6 @@ fn aws_ecs_setup_then_cleanup_leaves_nothing_behind() {
             }
         })
     };
-    let key = dir.join("key.pem");
     let setup = ecs_script(&aws, "setup.sh", &["--weft-binary", binary.to_str().unwrap(), "--wait-timeout", "60", "--key-file", key.to_str().unwrap()], &dir);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     agent.join().unwrap();
@@ -280,7 +478,20 @@ fn aws_ecs_setup_then_cleanup_leaves_nothing_behind() {
         }).unwrap().stdout,
     )
     .unwrap();
-    assert!(decoded.contains("ECS_CLUSTER=weft-ecs-demo-cluster") && decoded.contains("weft launch") && decoded.contains("/weft?") && decoded.contains("Signature=") && !decoded.contains("@WEFT_URL@"), "{decoded}");
+    let sha = String::from_utf8_lossy(&std::process::Command::new("sha256sum").arg(&binary).output().unwrap().stdout).split(' ').next().unwrap_or_default().to_string();
+    assert!(decoded.contains("ECS_CLUSTER=weft-ecs-demo-cluster") && decoded.contains("weft launch") && !decoded.contains('@'), "filled in: {decoded}");
+    assert!(decoded.contains(&format!("WEFT_SHA256='{sha}'")) && decoded.contains("sha256sum -c"), "the binary is checked: {decoded}");
+    assert!(decoded.contains("WEFT_SOURCE='s3://weft-ecs-demo-") && !decoded.contains("Signature="), "an S3 object, not a URL that expires: {decoded}");
+    let code: String = decoded.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
+    assert!(!code.contains("consensus") && !code.contains("--ipalloc-init") && !code.contains("WEFT_PEERS=") && code.contains("WEFT_DISCOVERY=aws-asg"), "discovery only: {code}");
+    assert!(decoded.contains("Restart=always") && decoded.contains("Wants=network-online.target docker.service") && decoded.contains("--no-block"), "boots: {decoded}");
+    let policy = aws.aws(&["iam", "get-role-policy", "--role-name", "weft-ecs-demo-role", "--policy-name", "weft-ecs-demo-policy-binary"]);
+    assert!(policy.to_string().contains("s3:GetObject"), "the role may read the binary: {policy}");
+    // Its own VPC (accounts without a default VPC work), the group's instances in it.
+    let vpc = aws.aws(&["ec2", "describe-vpcs", "--filters", "Name=tag:Name,Values=weft-ecs-demo"]);
+    assert_eq!(vpc["Vpcs"][0]["CidrBlock"], "10.0.0.0/16", "{vpc}");
+    let routes = aws.aws(&["ec2", "describe-route-tables", "--filters", &format!("Name=vpc-id,Values={}", vpc["Vpcs"][0]["VpcId"].as_str().unwrap_or_default())]);
+    assert!(routes.to_string().contains("0.0.0.0/0") && routes.to_string().contains("igw-"), "a default route through the gateway: {routes}");
     let sg = aws.aws(&["ec2", "describe-security-groups", "--filters", "Name=group-name,Values=weft-ecs-demo"]);
     let perms = sg["SecurityGroups"][0]["IpPermissions"].to_string();
     assert!(perms.contains("6783") && perms.contains("6784") && perms.contains("\"FromPort\":22") && perms.contains("\"FromPort\":80"), "{perms}");
@@ -299,6 +510,10 @@ fn aws_ecs_setup_then_cleanup_leaves_nothing_behind() {
     empty(aws.aws(&["ec2", "describe-launch-templates"])["LaunchTemplates"].clone(), "launch templates");
     empty(aws.aws(&["ec2", "describe-security-groups", "--filters", "Name=group-name,Values=weft-ecs-demo"])["SecurityGroups"].clone(), "security groups");
     empty(aws.aws(&["ec2", "describe-key-pairs"])["KeyPairs"].clone(), "key pairs");
+    empty(aws.aws(&["ec2", "describe-vpcs", "--filters", "Name=tag:Name,Values=weft-ecs-demo"])["Vpcs"].clone(), "VPCs");
+    empty(aws.aws(&["ec2", "describe-internet-gateways", "--filters", "Name=tag:Name,Values=weft-ecs-demo"])["InternetGateways"].clone(), "internet gateways");
+    let vpcs = aws.aws(&["ec2", "describe-vpcs"])["Vpcs"].clone();
+    assert_eq!(vpcs.as_array().map_or(0, Vec::len), 1, "only moto's default VPC is left: {vpcs}");
     empty(aws.aws(&["s3api", "list-buckets"])["Buckets"].clone(), "S3 buckets");
     let roles = aws.aws(&["iam", "list-roles"])["Roles"].clone();
     assert!(!roles.to_string().contains("weft-ecs-demo"), "IAM roles left: {roles}");
@@ -314,4 +529,25 @@ fn aws_ecs_cloudformation_template_passes_cfn_lint() {
     let template = weft_tests::aws::repo().join("deploy/ecs/weft-ecs.yaml");
     let out = std::process::Command::new(weft_tests::aws::venv().join("bin/cfn-lint")).arg(&template).output().expect("run cfn-lint");
     assert!(out.status.success(), "cfn-lint {}:\n{}{}", template.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// The CloudFormation template cannot include files, so it carries its own
+/// copy of the user data: it must be deploy/ecs/data/user-data.sh (with the
+/// unit deploy/weft.service) exactly, with the template's references filled in.
+#[test]
+fn aws_ecs_cloudformation_user_data_is_the_scripts_own() {
+    let repo = weft_tests::aws::repo();
+    let read = |p: &str| std::fs::read_to_string(repo.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let unit = read("deploy/weft.service");
+    let script = read("deploy/ecs/data/user-data.sh")
+        .replace("@CLUSTER@", "${Cluster}")
+        .replace("@WEFT_SOURCE@", "s3://${WeftBucket}/weft")
+        .replace("@WEFT_SHA256@", "${WeftSha256}")
+        .replace("@WEFT_UNIT@", unit.trim_end());
+    let want: String = script.trim_end().lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("            {l}\n") }).collect();
+    let yaml = read("deploy/ecs/weft-ecs.yaml");
+    let start = yaml.find("Fn::Base64: !Sub |\n").map(|i| i + "Fn::Base64: !Sub |\n".len()).expect("the user data block");
+    let end = yaml.find("\n  AutoScalingGroup:").expect("the group after it");
+    let got = format!("{}\n", yaml[start..end].trim_end());
+    assert_eq!(got, want, "deploy/ecs/weft-ecs.yaml's UserData differs from deploy/ecs/data/user-data.sh: copy it over");
 }

@@ -128,3 +128,55 @@ fn reset_force_cleans_a_host_whose_agent_is_stopped_and_never_a_running_one() {
     let again = weft_in(&host0.ns, &["reset", "--force", "--state-dir", &state0, "--pin-root", pin_root, "--pin-name", &host0.name]);
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
 }
+
+/// At boot weft may start before Docker has made docker0: a
+/// `--dns-listen-address` that no interface has yet does not fail the launch;
+/// it is served as soon as the address appears. A port already taken still
+/// fails the launch (exit 69) and leaves nothing.
+#[test]
+fn a_dns_listen_address_that_appears_later_is_served_then() {
+    if !root_or_skip("dns_later") {
+        return;
+    }
+    let mut underlay = Underlay::new();
+    let host = underlay.host("dl");
+    let later = "198.18.7.1";
+    let agent = Agent::launch(&host, &[], &["--ipalloc-init", "consensus=1", "--dns-listen-address", &format!("{later}:53")]);
+    agent.cli(&["dns-add", "10.32.0.9", "late"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || agent.log().contains("no interface has this address yet")),
+        "the wait is said:\n{}",
+        agent.log()
+    );
+    let dig = || {
+        let out = host.ns.cmd("dig").args([&format!("@{later}"), "+time=1", "+tries=1", "+short", "late.weave.local"]).output().expect("dig");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // What docker0 coming up does: the address appears on an interface.
+    host.ns.ip(&["link", "add", "dl-br0", "type", "bridge"]);
+    host.ns.ip(&["addr", "add", &format!("{later}/24"), "dev", "dl-br0"]);
+    host.ns.ip(&["link", "set", "dl-br0", "up"]);
+    assert!(wait_until(Duration::from_secs(10), || dig() == "10.32.0.9"), "served once the address exists: {:?}\n{}", dig(), agent.log());
+    // A port in use is not waited for: that launch fails as before.
+    let other = underlay.host("dl2");
+    other.ns.ip(&["link", "set", "lo", "up"]);
+    let blocker = other.ns.cmd("python3").args(["-c", "import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 5353)); print('ok', flush=True); time.sleep(60)"]).stdout(std::process::Stdio::piped()).spawn().expect("python3");
+    let mut blocker = KillOnDrop(blocker);
+    let mut line = String::new();
+    let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(blocker.0.stdout.take().expect("stdout")), &mut line);
+    assert_eq!(line.trim(), "ok", "the port is taken");
+    let (code, err) = weft(&other.ns, &["launch", "--no-docker", "--iface", &other.iface, "--pin-name", &other.name, "--state-dir", &std::env::temp_dir().join(weft_tests::unique("dl-state")).display().to_string(), "--dns-listen-address", "127.0.0.1:5353"]);
+    assert_ne!(code, Some(0), "a DNS port in use fails the launch: {err}");
+    assert!(err.contains("127.0.0.1:5353"), "and says which: {err}");
+    assert!(!other.pin_dir().exists(), "nothing left behind");
+}
+
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

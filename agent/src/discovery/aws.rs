@@ -109,9 +109,9 @@ fn asg_err(what: &str, e: &dyn std::fmt::Display) -> SourceError {
     ))
 }
 
-/// The InService instances of groups (all pages).
-async fn in_service(asg: &aws_sdk_autoscaling::Client, names: Option<Vec<String>>, filter: Option<Filter>) -> Result<(Vec<String>, Vec<String>), SourceError> {
-    let (mut ids, mut groups) = (Vec::new(), Vec::new());
+/// The groups' InService instances, names and summed desired capacity (all pages).
+async fn in_service(asg: &aws_sdk_autoscaling::Client, names: Option<Vec<String>>, filter: Option<Filter>) -> Result<(Vec<String>, Vec<String>, usize), SourceError> {
+    let (mut ids, mut groups, mut desired) = (Vec::new(), Vec::new(), 0usize);
     let mut token: Option<String> = None;
     loop {
         let out = asg
@@ -124,6 +124,7 @@ async fn in_service(asg: &aws_sdk_autoscaling::Client, names: Option<Vec<String>
             .map_err(|e| asg_err("DescribeAutoScalingGroups", &DisplayErrorContext(&e)))?;
         for g in out.auto_scaling_groups() {
             groups.push(g.auto_scaling_group_name().unwrap_or_default().to_string());
+            desired += usize::try_from(g.desired_capacity().unwrap_or(0)).unwrap_or(0);
             for i in g.instances() {
                 if i.lifecycle_state() == Some(&LifecycleState::InService) {
                     ids.extend(i.instance_id().map(str::to_string));
@@ -132,7 +133,7 @@ async fn in_service(asg: &aws_sdk_autoscaling::Client, names: Option<Vec<String>
         }
         match out.next_token() {
             Some(t) if !t.is_empty() => token = Some(t.to_string()),
-            _ => return Ok((ids, groups)),
+            _ => return Ok((ids, groups, desired)),
         }
     }
 }
@@ -158,18 +159,20 @@ impl Source for AwsSource {
         let tag = &self.settings.peer_group_tag;
         if let Some(value) = me.tags.get(tag).filter(|_| !tag.is_empty()) {
             let found = ready.ec2.describe_instances(&[], &[(&format!("tag:{tag}"), vec![value.clone()]), running]).await?;
-            return Ok(Found { me: me.private_ip, members: addresses(&found), group: format!("instances tagged {tag}={value}") });
+            // Tagged instances have no desired capacity: the running ones count.
+            return Ok(Found { me: me.private_ip, members: addresses(&found), group: format!("instances tagged {tag}={value}"), desired: 0 });
         }
         // 2. The Auto Scaling groups of this host's ECS cluster.
         if let Some(cluster) = self.ecs_cluster() {
             let filter = Filter::builder().name(format!("tag:{ECS_CLUSTER_TAG}")).values(cluster.clone()).build();
-            let (ids, groups) = in_service(&ready.asg, None, Some(filter)).await?;
+            let (ids, groups, desired) = in_service(&ready.asg, None, Some(filter)).await?;
             if !groups.is_empty() {
                 let found = if ids.is_empty() { Vec::new() } else { ready.ec2.describe_instances(&ids, &[running]).await? };
                 return Ok(Found {
                     me: me.private_ip,
                     members: addresses(&found),
                     group: format!("ECS cluster {cluster} (Auto Scaling groups {})", groups.join(", ")),
+                    desired,
                 });
             }
         }
@@ -187,8 +190,8 @@ impl Source for AwsSource {
                 ready.instance_id
             )));
         };
-        let (ids, _) = in_service(&ready.asg, Some(vec![group.clone()]), None).await?;
+        let (ids, _, desired) = in_service(&ready.asg, Some(vec![group.clone()]), None).await?;
         let found = if ids.is_empty() { Vec::new() } else { ready.ec2.describe_instances(&ids, &[running]).await? };
-        Ok(Found { me: me.private_ip, members: addresses(&found), group: format!("Auto Scaling group {group}") })
+        Ok(Found { me: me.private_ip, members: addresses(&found), group: format!("Auto Scaling group {group}"), desired })
     }
 }

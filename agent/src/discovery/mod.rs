@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::ipam::Discovered;
 use crate::mesh::MeshHandle;
 use crate::task::Task;
 
@@ -38,6 +39,24 @@ pub struct Found {
     pub members: BTreeSet<Ipv4Addr>,
     /// How the members were chosen, for the log ("Auto Scaling group web-asg").
     pub group: String,
+    /// How many instances the group is meant to have (the Auto Scaling
+    /// groups' desired capacity), when the source knows; 0 if not.
+    pub desired: usize,
+}
+
+impl Found {
+    /// The group's size for IPAM's first agreement: its members with this
+    /// host (which may not be InService yet), or the desired capacity if that
+    /// is larger (instances still booting will join).
+    pub fn group_size(&self) -> usize {
+        let me_extra = self.me.is_some_and(|me| !self.members.contains(&me));
+        (self.members.len() + usize::from(me_extra)).max(self.desired)
+    }
+
+    /// What IPAM learns from this answer.
+    pub fn for_ipam(&self) -> Discovered {
+        Discovered { members: self.members.clone(), group_size: self.group_size() }
+    }
 }
 
 /// Why a source could not answer; the message says what to do.
@@ -71,7 +90,7 @@ pub fn spawn(
     source: Box<dyn Source>,
     mesh: MeshHandle,
     given: BTreeSet<Ipv4Addr>,
-    ipam_view: watch::Sender<Option<BTreeSet<Ipv4Addr>>>,
+    ipam_view: watch::Sender<Option<Discovered>>,
     interval: Duration,
 ) -> Task<SourceError> {
     Task::spawn("discovery", tracing::info_span!("discovery"), CancellationToken::new(), move |cancel| async move {
@@ -84,7 +103,7 @@ async fn run(
     source: Box<dyn Source>,
     mesh: MeshHandle,
     given: BTreeSet<Ipv4Addr>,
-    ipam_view: watch::Sender<Option<BTreeSet<Ipv4Addr>>>,
+    ipam_view: watch::Sender<Option<Discovered>>,
     interval: Duration,
     cancel: CancellationToken,
 ) {
@@ -100,7 +119,10 @@ async fn run(
                 failures = 0;
                 backoff = Duration::from_secs(1);
                 apply(&found, &given, &mut added, &mesh).await;
-                ipam_view.send_replace(Some(found.members.clone()));
+                let mut view = found.for_ipam();
+                // Peers given outside the group vote too.
+                view.group_size += given.iter().filter(|a| !found.members.contains(a) && Some(**a) != found.me).count();
+                ipam_view.send_replace(Some(view));
                 interval
             }
             Err(e) => {
@@ -225,12 +247,23 @@ mod tests {
 
     #[test]
     fn neither_this_host_nor_a_given_peer_is_managed() {
-        let found = Found { me: Some([10, 0, 0, 1].into()), members: set(&[[10, 0, 0, 1], [10, 0, 0, 2], [10, 0, 0, 3]]), group: "g".into() };
+        let found = Found { me: Some([10, 0, 0, 1].into()), members: set(&[[10, 0, 0, 1], [10, 0, 0, 2], [10, 0, 0, 3]]), group: "g".into(), desired: 0 };
         let given = set(&[[10, 0, 0, 3]]);
         assert_eq!(targets(&found, &given), set(&[[10, 0, 0, 2]]));
         // A given peer that leaves the group is not in `added`, so never forgotten.
         let (_, leave) = diff(&targets(&found, &given), &BTreeSet::new());
         assert_eq!(leave, vec![Ipv4Addr::new(10, 0, 0, 2)]);
+    }
+
+    #[test]
+    fn the_group_size_counts_this_host_and_instances_still_booting() {
+        let members = set(&[[10, 0, 0, 2], [10, 0, 0, 3]]);
+        let found = |me: [u8; 4], desired| Found { me: Some(me.into()), members: members.clone(), group: "g".into(), desired };
+        assert_eq!(found([10, 0, 0, 2], 0).group_size(), 2, "this host among the members");
+        assert_eq!(found([10, 0, 0, 9], 0).group_size(), 3, "this host not InService yet");
+        assert_eq!(found([10, 0, 0, 2], 5).group_size(), 5, "three more are booting");
+        assert_eq!(found([10, 0, 0, 2], 1).group_size(), 2, "desired capacity already lowered");
+        assert_eq!(Found::default().group_size(), 0, "nothing known: nothing decided");
     }
 
     #[test]

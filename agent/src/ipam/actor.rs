@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use super::core::{AddrRequest, Effect, Ipam, Msg, Outcome};
 use super::gossiper::{Shared, encode};
 use super::policy::{self, Reclaimer};
-use super::{CHANNEL, IpamConfig, IpamError, IpamStatus, PeerSpace, SECTION, SETTLE, WAIT};
+use super::{CHANNEL, Discovered, IpamConfig, IpamError, IpamStatus, PeerSpace, SECTION, SETTLE, WAIT};
 use crate::mesh::{MeshHandle, MeshStatus, PeerName};
 use crate::state::StateStore;
 
@@ -130,7 +130,7 @@ pub(super) struct Actor {
     shared: Arc<Shared>,
     store: Arc<StateStore>,
     mesh: MeshHandle,
-    discovery: watch::Receiver<Option<BTreeSet<Ipv4Addr>>>,
+    discovery: watch::Receiver<Option<Discovered>>,
     waiting: Vec<Waiter>,
     asked_at: BTreeMap<Ipv4Net, Instant>,
     /// The automatic reclaim rule and its clocks (None: only `weft rmpeer`).
@@ -145,7 +145,7 @@ impl Actor {
         shared: Arc<Shared>,
         store: Arc<StateStore>,
         mesh: MeshHandle,
-        discovery: watch::Receiver<Option<BTreeSet<Ipv4Addr>>>,
+        discovery: watch::Receiver<Option<Discovered>>,
     ) -> Self {
         Actor {
             reclaimer: config.reclaim_after.map(Reclaimer::new),
@@ -217,6 +217,7 @@ impl Actor {
         let shared = self.shared.clone();
         let mut ipam = shared.lock();
         let mut effects = Vec::new();
+        self.size_from_discovery(&mut ipam, &mut effects);
         let now = Instant::now();
         match req {
             Request::Address { req, reply } => {
@@ -299,6 +300,7 @@ impl Actor {
         let shared = self.shared.clone();
         let mut ipam = shared.lock();
         let mut effects = Vec::new();
+        self.size_from_discovery(&mut ipam, &mut effects);
         if ipam.refresh_free() {
             effects.push(Effect::Persist);
             effects.push(Effect::Gossip);
@@ -330,12 +332,21 @@ impl Actor {
         batch.add(effects);
     }
 
+    /// With `Init::Discovery`, the agreement's quorum follows the group's size
+    /// as discovery reports it (see [`Ipam::size_from_discovery`]).
+    fn size_from_discovery(&self, ipam: &mut Ipam, effects: &mut Vec<Effect>) {
+        let size = self.discovery.borrow().as_ref().map_or(0, |d: &Discovered| d.group_size);
+        if ipam.size_from_discovery(size, effects) {
+            info!(group_size = size, quorum = ?ipam.consensus().map(|(_, q)| q), "IPAM: the discovery group sizes the agreement on the range");
+        }
+    }
+
     /// The automatic reclaim rule ([`policy::Reclaimer`]): this shell only
     /// passes the time and what it sees, and applies the decision.
     fn auto_reclaim(&mut self, ipam: &mut Ipam, reach: &BTreeSet<PeerName>, now: Instant, effects: &mut Vec<Effect>) {
         let Some(reclaimer) = &mut self.reclaimer else { return };
         let owners: BTreeSet<PeerName> = ipam.ring().ownership().into_keys().collect();
-        let discovered = self.discovery.borrow().clone();
+        let discovered = self.discovery.borrow().as_ref().map(|d| d.members.clone());
         let view = policy::View { now, me: self.config.me, owners: &owners, reachable: reach, discovered: discovered.as_ref() };
         for p in reclaimer.due(&view) {
             let moved = ipam.reclaim(p, effects);

@@ -27,6 +27,11 @@ pub enum Init {
     Seed(Vec<PeerName>),
     /// Never owns space at first; asks others when it needs some.
     Observer,
+    /// Agreement among the members of the discovery source's group
+    /// (`--discovery` without `--ipalloc-init`): the quorum waits for the
+    /// group's size ([`Ipam::size_from_discovery`]), as Weave's ECS images
+    /// passed the Auto Scaling group's size as `consensus=N`.
+    Discovery,
 }
 
 /// An `--ipalloc-init` value that is none of the three forms.
@@ -208,6 +213,8 @@ impl Ipam {
             }
             Init::Consensus(n) => Some(Paxos::new(me, *n, false)),
             Init::Observer => Some(Paxos::new(me, 1, true)),
+            // No quorum before the group's size is known: no vote, no proposal.
+            Init::Discovery => None,
         };
         Ipam {
             me,
@@ -231,13 +238,15 @@ impl Ipam {
         if !saved.ring.is_empty() {
             ipam.ring = saved.ring;
             ipam.paxos = None;
-        } else if let (Some(p), Some(saved)) = (&mut ipam.paxos, saved.paxos)
+        } else if let Some(saved) = saved.paxos
             && saved.is_for(me)
+            && (ipam.paxos.is_some() || ipam.init == Init::Discovery)
         {
             // Promises must survive a restart: an acceptor never votes twice.
             // (Votes saved under another name, or without this peer's own
-            // claims, are not this acceptor's: it starts afresh.)
-            *p = saved;
+            // claims, are not this acceptor's: it starts afresh.) A quorum
+            // sized from discovery is kept with them.
+            ipam.paxos = Some(saved);
         }
         for (id, addrs) in saved.allocations {
             for a in addrs {
@@ -317,8 +326,34 @@ impl Ipam {
         match &self.init {
             Init::Observer => "an election among the voting peers (this peer is an observer)",
             Init::Consensus(_) => "agreement among the initial peers (--ipalloc-init consensus)",
+            Init::Discovery if self.paxos.is_none() => "the discovery source's first answer (the group's size sets the quorum)",
+            Init::Discovery => "agreement among a majority of the discovery group's members",
             Init::Seed(_) => "",
         }
+    }
+
+    /// Sizes the agreement from the discovery group (`Init::Discovery` only,
+    /// while the ring is undecided): the quorum is a majority of `group_size`.
+    /// It only ever grows — a larger group seen before agreement raises it, a
+    /// smaller one never lowers it — so that a quorum this peer counts always
+    /// meets any quorum a peer that saw the larger group counts. Returns
+    /// whether anything changed (then persist and gossip).
+    pub fn size_from_discovery(&mut self, group_size: usize, out: &mut Vec<Effect>) -> bool {
+        if self.init != Init::Discovery || !self.ring.is_empty() || group_size == 0 {
+            return false;
+        }
+        let changed = match &mut self.paxos {
+            None => {
+                self.paxos = Some(Paxos::new(self.me, group_size, false));
+                true
+            }
+            Some(p) => p.raise_quorum(group_size),
+        };
+        if changed {
+            out.push(Effect::Persist);
+            out.push(Effect::Gossip);
+        }
+        changed
     }
 
     /// The Paxos quorum while undecided.
@@ -1152,4 +1187,81 @@ mod tests {
             assert!(held.len() > 1000, "seed {seed}: allocations happened ({})", held.len());
         }
     }
+
+    /// Peers launched with discovery and nothing else: nobody decides before
+    /// the group's size is known; then a majority of the group decides, and
+    /// every peer ends with the same ring, allocations on every peer, no
+    /// address twice. A late peer adopts the decided ring without ever voting.
+    #[test]
+    fn peers_sized_by_discovery_agree_once_a_majority_of_the_group_talks() {
+        let range = net("10.32.0.0/24");
+        let n = 3;
+        let mut peers: Vec<Ipam> = (0..n + 1).map(|i| Ipam::new(p(i as u64), range, range, Init::Discovery)).collect();
+        let all: BTreeSet<PeerName> = (0..n + 1).map(|i| p(i as u64)).collect();
+        // Before discovery answers: allocations wait, nothing is proposed.
+        let mut out = Vec::new();
+        assert!(matches!(peers[0].allocate("a", None, &all, &mut out).unwrap(), Outcome::Wait(_)));
+        assert!(out.is_empty(), "no proposal without a quorum: {out:?}");
+        assert!(peers[0].waiting_for().contains("discovery"), "{}", peers[0].waiting_for());
+        assert_eq!(peers[0].consensus(), None);
+        // Discovery: a group of 3 (peers 0..3). Quorum 2.
+        for ipam in peers.iter_mut().take(n) {
+            assert!(ipam.size_from_discovery(n, &mut Vec::new()));
+            assert_eq!(ipam.consensus().map(|(_, q)| q), Some(2));
+        }
+        // Peer 0 proposes; alone it cannot decide.
+        let mut out = Vec::new();
+        assert!(matches!(peers[0].allocate("a", None, &all, &mut out).unwrap(), Outcome::Wait(_)));
+        assert!(out.contains(&Effect::Gossip), "proposes once sized");
+        assert!(peers[0].ring().is_empty(), "one vote of two");
+        // With peer 1 it does; peer 2 learns the ring by gossip.
+        for _ in 0..4 {
+            gossip(&mut peers, 0, 1);
+        }
+        assert!(!peers[0].ring().is_empty() && peers[0].ring() == peers[1].ring(), "a majority decided");
+        gossip(&mut peers, 1, 2);
+        assert_eq!(peers[2].ring(), peers[0].ring());
+        // Peer 3 booted later and discovery has not answered it yet: it takes
+        // the decided ring over, and sizing afterwards changes nothing.
+        gossip(&mut peers, 3, 2);
+        assert_eq!(peers[3].ring(), peers[0].ring());
+        assert!(!peers[3].size_from_discovery(4, &mut Vec::new()), "nothing left to size");
+        assert_eq!(peers[3].waiting_for(), "");
+        // Allocations on every peer, none twice.
+        let mut held = BTreeSet::new();
+        for (i, ipam) in peers.iter_mut().enumerate() {
+            for k in 0..5 {
+                let mut out = Vec::new();
+                match ipam.allocate(&format!("c{i}-{k}"), None, &all, &mut out).unwrap() {
+                    Outcome::Done(a) => assert!(held.insert(a), "{a} twice"),
+                    Outcome::Wait(_) => {} // owns nothing yet: asks a peer
+                }
+            }
+        }
+        // The value is the voters the proposer heard: 0 and 1 own the range,
+        // 2 and 3 ask them for space.
+        assert_eq!(held.len(), 10, "the deciding peers allocate at once");
+    }
+
+    #[test]
+    fn a_discovery_quorum_grows_but_never_shrinks_and_survives_a_restart() {
+        let range = net("10.32.0.0/24");
+        let mut ipam = Ipam::new(p(0), range, range, Init::Discovery);
+        assert!(!ipam.size_from_discovery(0, &mut Vec::new()), "an empty answer sizes nothing");
+        assert!(ipam.size_from_discovery(3, &mut Vec::new()));
+        assert!(ipam.size_from_discovery(5, &mut Vec::new()), "a larger group raises the quorum");
+        assert_eq!(ipam.consensus().map(|(_, q)| q), Some(3));
+        assert!(!ipam.size_from_discovery(2, &mut Vec::new()), "a smaller one never lowers it");
+        assert_eq!(ipam.consensus().map(|(_, q)| q), Some(3));
+        // A vote given, then a restart: the votes and the quorum are kept.
+        let all: BTreeSet<PeerName> = [p(0)].into();
+        let _ = ipam.allocate("a", None, &all, &mut Vec::new());
+        let restored = Ipam::restore(p(0), range, Init::Discovery, ipam.persisted());
+        assert_eq!(restored.consensus(), ipam.consensus());
+        assert_eq!(restored.gossip_state(), ipam.gossip_state(), "the promise survives");
+        // Other inits ignore discovery.
+        let mut fixed = Ipam::new(p(0), range, range, Init::Consensus(1));
+        assert!(!fixed.size_from_discovery(7, &mut Vec::new()));
+    }
+
 }

@@ -67,6 +67,17 @@ const QUEUE: usize = 4096;
 /// retries of a failing state write (about 3 s), so a stop does not cut one.
 const STOP_WITHIN: Duration = Duration::from_secs(5);
 
+/// What the discovery source (if one runs) last said about the group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Discovered {
+    /// The members' underlay addresses, for the reclaim rule.
+    pub members: BTreeSet<Ipv4Addr>,
+    /// How many hosts the group should have (at least the members, this host
+    /// included; more while instances are still starting): sizes the agreement
+    /// with [`Init::Discovery`].
+    pub group_size: usize,
+}
+
 /// Settings of IPAM.
 #[derive(Debug, Clone)]
 pub struct IpamConfig {
@@ -271,7 +282,7 @@ pub fn spawn(
     config: IpamConfig,
     store: Arc<StateStore>,
     mesh: &mut MeshBuilder,
-    discovery: watch::Receiver<Option<BTreeSet<Ipv4Addr>>>,
+    discovery: watch::Receiver<Option<Discovered>>,
 ) -> Result<IpamService, IpamError> {
     let ipam = load(&config, &store)?;
     let (shared, unicasts) = Shared::new(ipam);
@@ -341,7 +352,7 @@ mod tests {
         MeshBuilder::bind(mesh).await.expect("bind port 0")
     }
 
-    fn no_discovery() -> watch::Receiver<Option<BTreeSet<Ipv4Addr>>> {
+    fn no_discovery() -> watch::Receiver<Option<Discovered>> {
         watch::channel(None).1
     }
 

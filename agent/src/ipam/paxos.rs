@@ -67,6 +67,19 @@ impl Paxos {
         self.quorum
     }
 
+    /// Raises the quorum to a majority of `n` voters if that is more than it
+    /// is; never lowers it (a smaller quorum could miss one already counted).
+    /// Returns whether it changed.
+    pub fn raise_quorum(&mut self, n: usize) -> bool {
+        let q = n / 2 + 1;
+        if q > self.quorum {
+            self.quorum = q;
+            true
+        } else {
+            false
+        }
+    }
+
     fn own(&mut self) -> &mut Claims {
         // Paxos::new puts them there, merge never replaces them, and a saved
         // state is restored only if is_for(me).

@@ -63,7 +63,10 @@ pub fn is_smallest_reachable(me: PeerName, reachable: &BTreeSet<PeerName>) -> bo
 ///    last saw it announce; a peer whose address was never seen is left to
 ///    `weft rmpeer`, since whether it was terminated cannot be told;
 /// 3. this peer reaches a strict majority of the peers owning space
-///    ([`reaches_majority`]);
+///    ([`reaches_majority`]) — not counting owners that are unreachable and
+///    that discovery says are gone (terminated instances are on no side of a
+///    partition, so an Auto Scaling group scaled in from 5 to 2 still
+///    reclaims; a side that discovery still lists is counted in full);
 /// 4. this peer has the smallest name among those it reaches
 ///    ([`is_smallest_reachable`]).
 ///
@@ -115,7 +118,13 @@ impl Reclaimer {
         // A peer that no longer owns space (reclaimed by another, or gave it
         // away) needs no clock; if it owns space again later, its clock starts then.
         self.unreachable_since.retain(|p, _| view.owners.contains(p));
-        if !reaches_majority(view.me, view.owners, view.reachable) {
+        let counted: BTreeSet<PeerName> = view
+            .owners
+            .iter()
+            .copied()
+            .filter(|p| view.reaches(*p) || !self.confirmed_gone(*p, view.discovered))
+            .collect();
+        if !reaches_majority(view.me, &counted, view.reachable) {
             return Vec::new();
         }
         if !is_smallest_reachable(view.me, view.reachable) {
@@ -132,6 +141,11 @@ impl Reclaimer {
             self.unreachable_since.remove(p);
         }
         dead
+    }
+
+    /// Discovery runs and no longer lists the address `peer` was last seen at.
+    fn confirmed_gone(&self, peer: PeerName, discovered: Option<&BTreeSet<Ipv4Addr>>) -> bool {
+        discovered.is_some() && self.gone_from_discovery(peer, discovered)
     }
 
     fn gone_from_discovery(&self, peer: PeerName, discovered: Option<&BTreeSet<Ipv4Addr>>) -> bool {
@@ -473,4 +487,41 @@ mod tests {
         assert!(matches!(err, IpamError::StillAllocated { count: 3 }), "{err}");
         assert!(err.to_string().contains("detach"), "{err}");
     }
+
+    #[test]
+    fn a_group_scaled_in_past_half_still_reclaims_what_discovery_says_is_gone() {
+        let c = Clock::new();
+        let owners = [0, 1, 2, 3, 4];
+        let saw_all = |r: &mut Reclaimer| {
+            for i in 0..5u64 {
+                r.saw_address(p(i), addr(i as u8 + 1));
+            }
+        };
+        // 5 -> 2: peers 2, 3, 4 terminated (gone from discovery), 0 and 1 remain.
+        let left: BTreeSet<Ipv4Addr> = [addr(1), addr(2)].into();
+        let mut r = Reclaimer::new(GRACE);
+        saw_all(&mut r);
+        assert!(due(&mut r, c.t(0), 0, &owners, &[0, 1], Some(&left)).is_empty(), "clocks start");
+        assert_eq!(due(&mut r, c.t(61), 0, &owners, &[0, 1], Some(&left)), set(&[2, 3, 4]).into_iter().collect::<Vec<_>>());
+        // The same split while discovery still lists them (a partition, not a
+        // scale-in): 2 of 5 never acts.
+        let all: BTreeSet<Ipv4Addr> = (1..=5).map(addr).collect();
+        let mut r = Reclaimer::new(GRACE);
+        saw_all(&mut r);
+        for s in (0..3600).step_by(60) {
+            assert!(due(&mut r, c.t(s), 0, &owners, &[0, 1], Some(&all)).is_empty(), "a minority at {s} s");
+        }
+        // The other side of that partition sees 0 and 1 listed too: only one
+        // side can ever count a majority. Here 2, 3, 4 reach each other and
+        // discovery lists everyone: they may act, 0 and 1 may not.
+        let mut big = Reclaimer::new(GRACE);
+        saw_all(&mut big);
+        due(&mut big, c.t(0), 2, &owners, &[2, 3, 4], Some(&all));
+        assert!(due(&mut big, c.t(61), 2, &owners, &[2, 3, 4], Some(&all)).is_empty(), "listed: not reclaimed, majority or not");
+        // A terminated peer whose address was never seen still counts.
+        let mut blind = Reclaimer::new(GRACE);
+        due(&mut blind, c.t(0), 0, &owners, &[0, 1], Some(&left));
+        assert!(due(&mut blind, c.t(61), 0, &owners, &[0, 1], Some(&left)).is_empty(), "never seen: left to rmpeer");
+    }
+
 }
