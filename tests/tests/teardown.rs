@@ -354,41 +354,41 @@ fn interrupt_demo(test: &str, how: Interrupt) {
 }
 
 #[test]
-fn enter_at_the_prompt_leaves_nothing() {
-    interrupt_demo("enter_at_the_prompt_leaves_nothing", Interrupt::EnterAtPrompt);
+fn teardown_on_enter_at_the_prompt_leaves_nothing() {
+    interrupt_demo("teardown_on_enter_at_the_prompt_leaves_nothing", Interrupt::EnterAtPrompt);
 }
 
 #[test]
-fn ctrl_c_at_the_prompt_leaves_nothing() {
-    interrupt_demo("ctrl_c_at_the_prompt_leaves_nothing", Interrupt::CtrlCAtPrompt);
+fn teardown_on_ctrl_c_at_the_prompt_leaves_nothing() {
+    interrupt_demo("teardown_on_ctrl_c_at_the_prompt_leaves_nothing", Interrupt::CtrlCAtPrompt);
 }
 
 #[test]
-fn ctrl_c_mid_setup_leaves_nothing() {
-    interrupt_demo("ctrl_c_mid_setup_leaves_nothing", Interrupt::CtrlCMidSetup);
+fn teardown_on_ctrl_c_mid_setup_leaves_nothing() {
+    interrupt_demo("teardown_on_ctrl_c_mid_setup_leaves_nothing", Interrupt::CtrlCMidSetup);
 }
 
 #[test]
-fn ctrl_c_while_the_hosts_are_made_leaves_nothing() {
-    interrupt_demo("ctrl_c_while_the_hosts_are_made_leaves_nothing", Interrupt::CtrlCEarly);
+fn teardown_on_ctrl_c_while_the_hosts_are_made_leaves_nothing() {
+    interrupt_demo("teardown_on_ctrl_c_while_the_hosts_are_made_leaves_nothing", Interrupt::CtrlCEarly);
 }
 
 #[test]
-fn closed_terminal_at_the_prompt_leaves_nothing() {
-    interrupt_demo("closed_terminal_at_the_prompt_leaves_nothing", Interrupt::HangupAtPrompt);
+fn teardown_on_a_closed_terminal_at_the_prompt_leaves_nothing() {
+    interrupt_demo("teardown_on_a_closed_terminal_at_the_prompt_leaves_nothing", Interrupt::HangupAtPrompt);
 }
 
 #[test]
-fn terminal_closed_while_tearing_down_leaves_nothing() {
-    interrupt_demo("terminal_closed_while_tearing_down_leaves_nothing", Interrupt::CtrlCThenHangup);
+fn teardown_on_a_terminal_closed_while_tearing_down_leaves_nothing() {
+    interrupt_demo("teardown_on_a_terminal_closed_while_tearing_down_leaves_nothing", Interrupt::CtrlCThenHangup);
 }
 
-/// Not a test on its own: what [`a_test_killed_at_its_time_limit_leaves_nothing`]
+/// Not a test on its own: what [`teardown_of_a_test_killed_at_its_time_limit_leaves_nothing`]
 /// runs in a child process. It makes a host with an agent and a capture, a
 /// thread that panics holding a namespace, and waits to be killed.
 #[test]
-#[ignore = "run by a_test_killed_at_its_time_limit_leaves_nothing"]
-fn holds_resources_until_killed() {
+#[ignore = "run by teardown_of_a_test_killed_at_its_time_limit_leaves_nothing"]
+fn held_until_killed() {
     let mut lan = weft_tests::Underlay::new();
     let host = lan.host("held");
     let _agent = weft_tests::agent::Agent::launch(&host, &[], &[]);
@@ -410,12 +410,12 @@ fn holds_resources_until_killed() {
 /// A test binary killed at nextest's time limit (SIGTERM) tears down what it
 /// holds: agent, capture, namespaces, pins, temp files.
 #[test]
-fn a_test_killed_at_its_time_limit_leaves_nothing() {
-    if !root_or_skip("a_test_killed_at_its_time_limit_leaves_nothing") {
+fn teardown_of_a_test_killed_at_its_time_limit_leaves_nothing() {
+    if !root_or_skip("teardown_of_a_test_killed_at_its_time_limit_leaves_nothing") {
         return;
     }
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "holds_resources_until_killed", "--ignored", "--nocapture"])
+        .args(["--exact", "held_until_killed", "--ignored", "--nocapture"])
         .env("WEFT_BIN", weft_bin())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
