@@ -1,12 +1,14 @@
 //! Real `weft` agents in simulated hosts: launched with `weft launch` inside a
 //! host's namespace (unique name, state directory and pin directory per test),
-//! driven with the real CLI, killed by the pid we started on Drop.
+//! driven with the real CLI, killed by the pid we started on Drop or at
+//! teardown ([`crate::cleanup`]), its state directory and log removed after.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use crate::cleanup::{self, Cleanup, Proc};
 use crate::{Host, Netns, unique, wait_until};
 
 /// The `weft` binary under test: `$WEFT_BIN`, or `weft` next to the test binary.
@@ -40,7 +42,9 @@ pub struct Agent {
     args: Vec<String>,
     /// Extra environment (AWS endpoints and credentials in the AWS tests).
     pub env: Vec<(String, String)>,
-    child: Option<Child>,
+    child: Option<Proc>,
+    /// Removes the state directory and the log (after the process is gone).
+    _files: Cleanup,
 }
 
 impl Agent {
@@ -85,6 +89,11 @@ impl Agent {
         args.push(state_dir.display().to_string());
         args.extend(extra.iter().map(ToString::to_string));
         let log = std::env::temp_dir().join(format!("{id}.log"));
+        let (dir, file) = (state_dir.clone(), log.clone());
+        let files = cleanup::register(format!("removing {}", state_dir.display()), move || {
+            cleanup::remove_tree(&dir);
+            cleanup::remove_tree(&file);
+        });
         let mut agent = Agent {
             ns: host.ns.alias(),
             name,
@@ -95,6 +104,7 @@ impl Agent {
             args,
             env: env.to_vec(),
             child: None,
+            _files: files,
         };
         agent.start();
         agent
@@ -104,16 +114,17 @@ impl Agent {
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
-        let child = self
-            .ns
-            .cmd(weft_bin().to_str().expect("utf-8 path"))
-            .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn weft launch");
+        let child = Proc::spawn_killed(
+            format!("stopping agent {} ({})", self.nickname, self.name),
+            self.ns
+                .cmd(weft_bin().to_str().expect("utf-8 path"))
+                .args(&self.args)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log),
+        )
+        .expect("spawn weft launch");
         self.child = Some(child);
         let ready = wait_until(Duration::from_secs(20), || {
             self.exited().is_some() || self.try_cli(&["status"]).status.success()
@@ -143,7 +154,7 @@ impl Agent {
 
     /// The exit status, if the process ended.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child.as_ref().and_then(Proc::try_wait)
     }
 
     /// The namespace the agent runs in (its host's).
@@ -228,21 +239,16 @@ impl Agent {
 
     /// SIGKILL: the agent dies without a word.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        // Dropping the process's guard kills and reaps it.
+        self.child.take();
     }
 
     /// `weft stop` and wait for the process to end.
     pub fn stop(&mut self) {
         self.cli(&["stop"]);
-        let mut child = self.child.take().expect("running");
-        let ended = wait_until(Duration::from_secs(10), || child.try_wait().ok().flatten().is_some());
-        if !ended {
-            let _ = child.kill();
-        }
-        let _ = child.wait();
+        let child = self.child.take().expect("running");
+        let ended = child.wait_timeout(Duration::from_secs(10)).is_some();
+        drop(child);
         assert!(ended, "agent did not stop within 10 s:\n{}", self.log());
     }
 
@@ -258,8 +264,7 @@ impl Drop for Agent {
         if std::thread::panicking() {
             eprintln!("---- log of agent {} ({}) ----\n{}", self.nickname, self.name, self.log());
         }
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-        let _ = std::fs::remove_file(&self.log);
+        // `_files` drops next: the state directory and the log go.
     }
 }
 

@@ -6,8 +6,9 @@
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
+use crate::cleanup::Proc;
 use crate::{Host, Underlay};
 
 pub const REGION: &str = "us-east-1";
@@ -37,8 +38,9 @@ pub fn repo() -> PathBuf {
 
 /// moto + front + IMDS on their own simulated host.
 pub struct FakeAws {
+    /// Dropped first: the processes before their host.
+    _child: Proc,
     pub host: Host,
-    child: Option<Child>,
 }
 
 impl FakeAws {
@@ -46,21 +48,22 @@ impl FakeAws {
         let host = lan.host("aws");
         // moto listens on loopback inside this host.
         host.ns.ip(&["link", "set", "lo", "up"]);
-        let mut child = host
-            .ns
-            .cmd(venv().join("bin/python").to_str().expect("utf-8"))
-            .arg(repo().join("tests/aws/fake_aws.py"))
-            .args([MOTO_PORT.to_string(), API_PORT.to_string(), IMDS_PORT.to_string(), REGION.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start fake_aws.py");
+        let child = Proc::spawn_killed(
+            format!("stopping fake AWS in {}", host.name),
+            host.ns
+                .cmd(venv().join("bin/python").to_str().expect("utf-8"))
+                .arg(repo().join("tests/aws/fake_aws.py"))
+                .args([MOTO_PORT.to_string(), API_PORT.to_string(), IMDS_PORT.to_string(), REGION.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit()),
+        )
+        .expect("start fake_aws.py");
         let mut line = String::new();
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut out = BufReader::new(child.take_stdout().expect("stdout"));
         let _ = out.read_line(&mut line);
         assert_eq!(line.trim(), "ready", "fake_aws.py did not start");
-        FakeAws { host, child: Some(child) }
+        FakeAws { host, _child: child }
     }
 
     /// Environment for an agent (or the AWS CLI) on another host: endpoints on
@@ -123,15 +126,6 @@ impl FakeAws {
 
     fn request(&self, port: u16, method: &str, path: &str, body: &str) -> String {
         crate::http_request(&self.host.ns, ([127, 0, 0, 1], port).into(), method, path, body).expect("fake_aws control").1
-    }
-}
-
-impl Drop for FakeAws {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

@@ -62,9 +62,8 @@ pub fn redis_cmd() -> Vec<&'static str> {
 /// Builds [`APPS`] with `docker build` (a real build through whatever
 /// `docker` talks to: the proxy in the demo) from the busybox image.
 pub fn build_apps(docker: &mut std::process::Command) -> Result<(), String> {
-    let ctx = std::env::temp_dir().join(crate::unique("apps"));
+    let ctx = crate::cleanup::TempPath::dir(&crate::unique("apps")).map_err(|e| e.to_string())?;
     let write = |name: &str, text: &str| std::fs::write(ctx.join(name), text).map_err(|e| e.to_string());
-    std::fs::create_dir_all(&ctx).map_err(|e| e.to_string())?;
     let result = (|| {
         write("Dockerfile", &format!("FROM {BUSYBOX}{DOCKERFILE}"))?;
         write("dataproducer", DATAPRODUCER)?;
@@ -72,13 +71,13 @@ pub fn build_apps(docker: &mut std::process::Command) -> Result<(), String> {
         write("hit-counter.cgi", HIT_COUNTER_CGI)?;
         let out = docker
             .args(["build", "-q", "-t", APPS])
-            .arg(&ctx)
+            .arg(ctx.path())
             .env("DOCKER_BUILDKIT", "0")
             .output()
             .map_err(|e| e.to_string())?;
         if out.status.success() { Ok(()) } else { Err(format!("docker build: {}", String::from_utf8_lossy(&out.stderr))) }
     })();
-    let _ = std::fs::remove_dir_all(&ctx);
+    drop(ctx);
     result
 }
 

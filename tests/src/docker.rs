@@ -1,13 +1,17 @@
 //! A real Docker Engine per simulated host: Debian's `dockerd`, started inside
 //! the host's namespace with its own data, exec root and socket, so several run
 //! side by side. Images are made locally (no registry): busybox in a rootfs tar,
-//! `docker import`ed. Stopped and everything removed on Drop.
+//! `docker import`ed. Stopped and everything removed on Drop or at teardown
+//! ([`crate::cleanup`]): dockerd first (it stops its containers), then whatever
+//! is left under its directory (containerd, shims, containers if it had to be
+//! killed; mounts), then the directory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use crate::cleanup::{self, Proc, TempPath};
 use crate::{Host, Netns, unique, wait_until};
 
 /// The image every test container uses: busybox (sh, nc, httpd, wget,
@@ -19,7 +23,10 @@ pub struct Dockerd {
     pub dir: PathBuf,
     pub sock: PathBuf,
     ns: Netns,
-    child: Option<Child>,
+    /// Dropped first: stops dockerd and what it started.
+    _child: Proc,
+    /// Then the directory, with the mounts under it.
+    _dir: TempPath,
 }
 
 impl Dockerd {
@@ -27,25 +34,32 @@ impl Dockerd {
     /// no forwarding changes, no bridge: containers have only loopback until weft
     /// attaches them) and loads the busybox image.
     pub fn start(host: &Host) -> Dockerd {
-        let dir = std::env::temp_dir().join(unique("dk"));
-        std::fs::create_dir_all(&dir).expect("docker dir");
+        let tmp = TempPath::dir(&unique("dk")).expect("docker dir");
+        let dir = tmp.path().to_path_buf();
         let sock = dir.join("docker.sock");
         let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
-        let child = host
-            .ns
-            .cmd("dockerd")
-            .arg(format!("--host=unix://{}", sock.display()))
-            .arg(format!("--data-root={}", dir.join("data").display()))
-            .arg(format!("--exec-root={}", dir.join("exec").display()))
-            .arg(format!("--pidfile={}", dir.join("docker.pid").display()))
-            .args(["--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none"])
-            .args(["--shutdown-timeout=1", "--log-level=warn"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn dockerd (apt-get install docker.io; cargo xtask test installs it)");
-        let d = Dockerd { dir, sock, ns: host.ns.alias(), child: Some(child) };
+        let theirs = dir.clone();
+        // The containers' cgroups under a name of ours, so what a killed
+        // container leaves there can be told from anyone else's and removed.
+        let cgroup = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let child = Proc::spawn(
+            format!("stopping dockerd of {} and its containers", host.name),
+            host.ns
+                .cmd("dockerd")
+                .arg(format!("--host=unix://{}", sock.display()))
+                .arg(format!("--data-root={}", dir.join("data").display()))
+                .arg(format!("--exec-root={}", dir.join("exec").display()))
+                .arg(format!("--pidfile={}", dir.join("docker.pid").display()))
+                .args(["--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none"])
+                .args(["--shutdown-timeout=1", "--log-level=warn"])
+                .arg(format!("--cgroup-parent=/{cgroup}"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log),
+            move |child| stop_dockerd(child, &theirs),
+        )
+        .expect("spawn dockerd (apt-get install docker.io; cargo xtask test installs it)");
+        let d = Dockerd { dir, sock, ns: host.ns.alias(), _child: child, _dir: tmp };
         let up = wait_until(Duration::from_secs(60), || d.docker(&["version"]).status.success());
         assert!(up, "dockerd did not start:\n{}", d.log());
         d.load_busybox();
@@ -111,27 +125,50 @@ pub fn docker_cli(host: &str) -> Command {
     cmd
 }
 
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGTERM: dockerd stops its containers (1 s timeout) and containerd.
-            let _ = Command::new("kill").arg(child.id().to_string()).status();
-            let ended = wait_until(Duration::from_secs(20), || child.try_wait().ok().flatten().is_some());
-            if !ended {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        // Whatever is still mounted under our directory (netns handles, layers).
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let dir = self.dir.display().to_string();
-        let mut ours: Vec<&str> =
-            mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&dir)).collect();
-        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in ours {
-            let _ = Command::new("umount").args(["-l", m]).status();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+/// Kills the containers first (dockerd's own shutdown gives each 10 s after a
+/// SIGTERM their busybox PID 1 ignores), then SIGTERM: dockerd stops
+/// containerd. If it has not ended within 20 s (or at once when teardown
+/// hurries), SIGKILL, and then everything still running from its exec root
+/// (containerd, the shims and the containers below them), and the containers'
+/// cgroups (a killed container leaves its own). The mounts under the directory
+/// go with it ([`TempPath`]).
+fn stop_dockerd(child: &mut Child, dir: &Path) {
+    if !cleanup::hurry() {
+        kill_containers(&format!("unix://{}", dir.join("docker.sock").display()));
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let ended = wait_until(Duration::from_secs(20), || cleanup::hurry() || child.try_wait().ok().flatten().is_some());
+    if !ended || cleanup::hurry() {
+        cleanup::kill_and_reap(child);
+    }
+    // containerd and its shims name the exec root (`--config`, `-address`);
+    // the agent, which names dockerd's socket, is not among them.
+    cleanup::kill_processes_under(&dir.join("exec"));
+    if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
+        cleanup::remove_cgroups(name);
+    }
+}
+
+/// `docker kill` every running container of `host`, a few seconds at most.
+fn kill_containers(host: &str) {
+    // Like docker_cli, with 5 s instead of two minutes: this is teardown.
+    let docker = |args: &[&str]| {
+        Command::new("timeout")
+            .args(["-k", "1", "5", "docker"])
+            .args(args)
+            .env("DOCKER_HOST", host)
+            .env_remove("DOCKER_CONTEXT")
+            .env("DOCKER_CONFIG", std::env::temp_dir().join("weft-test-docker-config"))
+            .stdin(Stdio::null())
+            .output()
+    };
+    let Ok(ps) = docker(&["ps", "-q"]) else { return };
+    let ids: Vec<String> = String::from_utf8_lossy(&ps.stdout).split_whitespace().map(str::to_string).collect();
+    if !ids.is_empty() {
+        let mut args = vec!["kill"];
+        args.extend(ids.iter().map(String::as_str));
+        let _ = docker(&args);
     }
 }
 
@@ -183,17 +220,16 @@ fn cached_tar(name: &str, fill: impl FnOnce(&Path) -> Result<(), String>) -> Res
     if tar.exists() {
         return Ok(tar);
     }
-    let root = std::env::temp_dir().join(unique("rootfs"));
-    std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+    let root = TempPath::dir(&unique("rootfs")).map_err(|e| e.to_string())?;
     let filled = fill(&root);
-    let tmp = std::env::temp_dir().join(format!("{}.tar", unique("rootfs")));
+    let tmp = TempPath::new(&format!("{}.tar", unique("rootfs")));
     let packed = filled.and_then(|()| {
-        let out = Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tmp).arg(".").output().map_err(|e| e.to_string())?;
+        let out = Command::new("tar").arg("-C").arg(root.path()).arg("-cf").arg(tmp.path()).arg(".").output().map_err(|e| e.to_string())?;
         if out.status.success() { Ok(()) } else { Err(format!("tar: {}", String::from_utf8_lossy(&out.stderr))) }
     });
-    let _ = std::fs::remove_dir_all(&root);
+    drop(root);
     packed?;
-    std::fs::rename(&tmp, &tar).map_err(|e| e.to_string())?;
+    std::fs::rename(tmp.path(), &tar).map_err(|e| e.to_string())?;
     Ok(tar)
 }
 
@@ -210,14 +246,13 @@ const REDIS_PACKAGES: &[&str] = &["redis-tools", "libjemalloc2", "liblzf1", "lib
 pub fn redis_rootfs() -> Result<PathBuf, String> {
     cached_tar("weft-redis-rootfs.tar", |root| {
         busybox_tree(root);
-        let debs = std::env::temp_dir().join(unique("debs"));
-        std::fs::create_dir_all(&debs).map_err(|e| e.to_string())?;
+        let debs = TempPath::dir(&unique("debs")).map_err(|e| e.to_string())?;
         let result = (|| {
-            let out = Command::new("apt-get").arg("download").args(REDIS_PACKAGES).current_dir(&debs).output().map_err(|e| e.to_string())?;
+            let out = Command::new("apt-get").arg("download").args(REDIS_PACKAGES).current_dir(debs.path()).output().map_err(|e| e.to_string())?;
             if !out.status.success() {
                 return Err(format!("apt-get download {}: {}", REDIS_PACKAGES.join(" "), String::from_utf8_lossy(&out.stderr)));
             }
-            for deb in std::fs::read_dir(&debs).map_err(|e| e.to_string())? {
+            for deb in std::fs::read_dir(debs.path()).map_err(|e| e.to_string())? {
                 let deb = deb.map_err(|e| e.to_string())?.path();
                 let out = Command::new("dpkg").arg("-x").arg(&deb).arg(root).output().map_err(|e| e.to_string())?;
                 if !out.status.success() {
@@ -226,7 +261,7 @@ pub fn redis_rootfs() -> Result<PathBuf, String> {
             }
             Ok(())
         })();
-        let _ = std::fs::remove_dir_all(&debs);
+        drop(debs);
         result?;
         // Debian's redis-server is redis-check-rdb under another name.
         let server = root.join("usr/bin/redis-server");
@@ -265,7 +300,11 @@ pub struct DockerHost {
 impl DockerHost {
     /// A host on `underlay` with dockerd and an agent connecting to `peers`.
     pub fn launch(underlay: &mut crate::Underlay, label: &str, peers: &[std::net::Ipv4Addr], extra: &[&str]) -> DockerHost {
-        let host = underlay.host(label);
+        DockerHost::launch_on(underlay.host(label), peers, extra)
+    }
+
+    /// dockerd and an agent on `host`, which is already on an underlay.
+    pub fn launch_on(host: Host, peers: &[std::net::Ipv4Addr], extra: &[&str]) -> DockerHost {
         let dockerd = Dockerd::start(&host);
         let proxy = format!("unix://{}", dockerd.dir.join("weft.sock").display());
         let docker_host = dockerd.host_arg();

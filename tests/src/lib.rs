@@ -4,12 +4,14 @@
 //! Every namespace, device and pin directory a test makes has a unique name (pid +
 //! counter) and is removed on Drop, also when the test fails, so tests run in
 //! parallel and a crashed run leaves nothing behind. Traffic stays inside the
-//! namespaces made here. Processes are entered with `nsenter --net=` (never
+//! namespaces made here. Every guard registers its undo with [`cleanup`], so
+//! SIGINT, SIGTERM and SIGHUP undo the same, newest first. Processes are entered with `nsenter --net=` (never
 //! `ip netns exec`, which remounts /sys and hides bpffs).
 
 pub mod agent;
 pub mod aws;
 pub mod bench;
+pub mod cleanup;
 pub mod demo;
 pub mod docker;
 pub mod systemd;
@@ -19,6 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use cleanup::{Cleanup, Proc, TempPath};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -104,23 +108,28 @@ pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
 #[derive(Debug)]
 pub struct Netns {
     name: String,
-    /// False for an [`Netns::alias`]: dropping it leaves the namespace alone.
-    owned: bool,
+    /// Deletes the namespace; [`Cleanup::none`] for an [`Netns::alias`].
+    _cleanup: Cleanup,
 }
 
 impl Netns {
     /// Creates `wt<pid>x<n><label>` with loopback up.
     pub fn new(label: &str) -> Netns {
         let name = unique(label);
-        ip(&["netns", "add", &name]);
-        let ns = Netns { name, owned: true };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+        let theirs = name.clone();
+        let undo = move || {
+            let _ = Command::new("ip").args(["netns", "del", &theirs]).stderr(Stdio::null()).status();
+        };
+        let (cleanup, ()) = cleanup::create(format!("removing netns {name}"), undo, || {
+            ip(&["netns", "add", &name]);
+            run(Command::new("nsenter").arg(format!("--net=/run/netns/{name}")).args(["--", "ip", "link", "set", "lo", "up"]));
+        });
+        Netns { name, _cleanup: cleanup }
     }
 
     /// A second handle on the same namespace that does not delete it.
     pub fn alias(&self) -> Netns {
-        Netns { name: self.name.clone(), owned: false }
+        Netns { name: self.name.clone(), _cleanup: Cleanup::none() }
     }
 
     /// The name under /run/netns.
@@ -176,15 +185,6 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if !self.owned {
-            return;
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
 /// A simulated host: a namespace with one or more underlay interfaces.
 #[derive(Debug)]
 pub struct Host {
@@ -196,20 +196,30 @@ pub struct Host {
     /// Name of the first underlay interface.
     pub iface: String,
     links: u32,
+    /// Removes the pin directory: pins outlive namespaces, they are this
+    /// host's to remove.
+    _pins: Cleanup,
 }
 
 impl Host {
+    /// A host on namespace `ns`, its pin directory named after it.
+    fn on(ns: Netns, ip: Ipv4Addr, iface: &str) -> Host {
+        let name = ns.name().to_string();
+        let pins = pin_dir_of(&name);
+        let cleanup = cleanup::register(format!("removing pins {}", pins.display()), move || {
+            let _ = std::fs::remove_dir_all(&pins);
+        });
+        Host { ns, name, ip, iface: iface.into(), links: 0, _pins: cleanup }
+    }
+
     /// The pin directory the data path of this host uses.
     pub fn pin_dir(&self) -> PathBuf {
-        Path::new(weft::datapath::ebpf::DEFAULT_PIN_ROOT).join(&self.name)
+        pin_dir_of(&self.name)
     }
 }
 
-impl Drop for Host {
-    fn drop(&mut self) {
-        // Pins outlive namespaces; they are this host's to remove.
-        let _ = std::fs::remove_dir_all(self.pin_dir());
-    }
+fn pin_dir_of(name: &str) -> PathBuf {
+    Path::new(weft::datapath::ebpf::DEFAULT_PIN_ROOT).join(name)
 }
 
 /// The network between hosts: a LAN (a bridge in its own namespace) and any
@@ -248,7 +258,6 @@ impl Underlay {
         self.hosts += 1;
         let n = self.hosts;
         let ns = Netns::new(label);
-        let name = ns.name().to_string();
         let port = format!("p{n}");
         ip(&[
             "link", "add", "eth0", "netns", ns.name(), "mtu", &self.mtu.to_string(), "type", "veth", "peer",
@@ -257,14 +266,12 @@ impl Underlay {
         self.switch.ip(&["link", "set", &port, "master", "br0", "up"]);
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
-        Host { ns, name, ip: addr, iface: "eth0".into(), links: 0 }
+        Host::on(ns, addr, "eth0")
     }
 
     /// A host with no LAN interface: it is reached only through [`Underlay::link`].
     pub fn isolated_host(&mut self, label: &str) -> Host {
-        let ns = Netns::new(label);
-        let name = ns.name().to_string();
-        Host { ns, name, ip: Ipv4Addr::UNSPECIFIED, iface: String::new(), links: 0 }
+        Host::on(Netns::new(label), Ipv4Addr::UNSPECIFIED, "")
     }
 
     /// A point-to-point link between two hosts on a subnet of its own; returns
@@ -319,25 +326,26 @@ where
 /// temporary pcap file that is removed on Drop.
 #[derive(Debug)]
 pub struct Capture {
-    child: Option<std::process::Child>,
-    file: PathBuf,
+    child: Option<Proc>,
+    file: TempPath,
 }
 
 impl Capture {
     /// Starts capturing on `iface` in `ns` and returns once tcpdump listens.
     pub fn start(ns: &Netns, iface: &str, filter: &[&str]) -> Capture {
         use std::io::{BufRead, BufReader};
-        let file = std::env::temp_dir().join(format!("{}.pcap", unique("cap")));
-        let mut child = ns
-            .cmd("tcpdump")
-            .args(["-i", iface, "--immediate-mode", "-U", "-n", "-w"])
-            .arg(&file)
-            .args(filter)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tcpdump (apt-get install tcpdump)");
-        let stderr = child.stderr.take().expect("stderr");
+        let file = TempPath::new(&format!("{}.pcap", unique("cap")));
+        let child = Proc::spawn_killed(
+            format!("stopping tcpdump on {iface} in {}", ns.name()),
+            ns.cmd("tcpdump")
+                .args(["-i", iface, "--immediate-mode", "-U", "-n", "-w"])
+                .arg(file.path())
+                .args(filter)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        )
+        .expect("tcpdump (apt-get install tcpdump)");
+        let stderr = child.take_stderr().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -352,36 +360,22 @@ impl Capture {
 
     /// Stops the capture and decodes it with `tcpdump -r FILE ARGS`.
     pub fn stop_and_read(&mut self, args: &[&str]) -> String {
-        if let Some(mut child) = self.child.take() {
+        if let Some(child) = self.child.take() {
             std::thread::sleep(Duration::from_millis(200));
-            let _ = nix_kill_int(child.id());
-            let _ = child.wait();
+            // tcpdump flushes its file on SIGINT.
+            child.signal(nix::sys::signal::Signal::SIGINT);
+            child.wait_timeout(Duration::from_secs(10));
         }
         self.read(args)
     }
 
     /// Decodes the capture so far with `tcpdump -r FILE ARGS`.
     pub fn read(&self, args: &[&str]) -> String {
-        let out = Command::new("tcpdump").arg("-r").arg(&self.file).args(args).output().expect("tcpdump -r");
+        let out = Command::new("tcpdump").arg("-r").arg(self.file.path()).args(args).output().expect("tcpdump -r");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
-impl Drop for Capture {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_file(&self.file);
-    }
-}
-
-/// SIGINT to a pid we started (tcpdump flushes its file on SIGINT).
-fn nix_kill_int(pid: u32) -> std::io::Result<()> {
-    let status = Command::new("kill").args(["-INT", &pid.to_string()]).status()?;
-    if status.success() { Ok(()) } else { Err(std::io::Error::other("kill failed")) }
-}
 
 /// One HTTP/1.1 request from inside `ns` to `addr` (connection closed after
 /// it): the status code and the body.

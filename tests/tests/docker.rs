@@ -250,12 +250,11 @@ fn the_docker_cli_works_through_the_proxy() {
     let _ = events.kill();
     let _ = events.wait();
     // build: the context streams up, the output streams down
-    let ctx = std::env::temp_dir().join(weft_tests::unique("ctx"));
-    std::fs::create_dir_all(&ctx).unwrap();
+    let ctx = weft_tests::cleanup::TempPath::dir(&weft_tests::unique("ctx")).unwrap();
     std::fs::write(ctx.join("Dockerfile"), format!("FROM {BUSYBOX}\nCOPY big /big\nRUN wc -c /big > /size\nCMD [\"cat\", \"/size\"]\n")).unwrap();
     std::fs::write(ctx.join("big"), vec![7u8; 8 << 20]).unwrap();
-    let build = a.proxied().args(["build", "-q", "-t", "weft-test/built"]).arg(&ctx).env("DOCKER_BUILDKIT", "0").output().unwrap();
-    let _ = std::fs::remove_dir_all(&ctx);
+    let build = a.proxied().args(["build", "-q", "-t", "weft-test/built"]).arg(ctx.path()).env("DOCKER_BUILDKIT", "0").output().unwrap();
+    drop(ctx);
     assert!(build.status.success(), "{}", String::from_utf8_lossy(&build.stderr));
     assert_eq!(a.docker_ok(&["run", "--rm", "weft-test/built"]), "8388608 /big");
     // unversioned paths (bollard sends these) pass too

@@ -65,7 +65,7 @@ fn a_second_launch_is_refused_and_the_data_path_keeps_forwarding() {
     let running = format!("weft is already running on this host (pid {}, API 127.0.0.1:6784)", agent.pid());
     let iface = host.iface.as_str();
     let state = agent.state_dir().display().to_string();
-    let other_state = std::env::temp_dir().join(weft_tests::unique("sl-state"));
+    let other_state = weft_tests::cleanup::TempPath::new(&weft_tests::unique("sl-state"));
     let other = other_state.display().to_string();
     // The same state directory (the usual case: `weft launch` twice).
     let (code, err) = weft(&host.ns, &["launch", "--state-dir", &state, "--iface", iface, "--pin-name", &host.name, "--no-docker"]);
@@ -87,7 +87,7 @@ fn a_second_launch_is_refused_and_the_data_path_keeps_forwarding() {
     assert!(host.pin_dir().exists(), "the running agent's pins are untouched");
     assert!(agent.try_cli(&["status"]).status.success(), "the running agent still answers");
     assert!(p.containers[1].ping(container_ip(0)));
-    let _ = std::fs::remove_dir_all(other_state);
+    drop(other_state);
 }
 
 #[test]

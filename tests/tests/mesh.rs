@@ -406,7 +406,7 @@ fn bad_launch_settings_fail_with_one_clear_line_and_leave_nothing_behind() {
     }
     let mut underlay = Underlay::new();
     let host = underlay.host("bl");
-    let state = std::env::temp_dir().join(weft_tests::unique("bl-state"));
+    let state = weft_tests::cleanup::TempPath::new(&weft_tests::unique("bl-state"));
     let state_arg = state.display().to_string();
     let common = ["--state-dir", state_arg.as_str(), "--pin-name", host.name.as_str(), "--name", "02:00:00:00:0b:0b"];
     let check = |args: &[&str], expect: &str| {
@@ -433,7 +433,7 @@ fn bad_launch_settings_fail_with_one_clear_line_and_leave_nothing_behind() {
     assert!(!out.status.success());
     assert!(stderr.contains("needs root"), "{stderr}");
     assert!(!host.pin_dir().exists());
-    let _ = std::fs::remove_dir_all(state);
+    drop(state);
 }
 
 /// Joins `group` in `ns` and counts datagrams carrying `tag` for `window`.

@@ -4,6 +4,7 @@
 //! - `cargo xtask test [FILTER]`      install what is missing, run every test (or those matching FILTER)
 //! - `cargo xtask demo`               install, build, run the simulated multi-host demo
 //! - `cargo xtask bench NAME`         run a benchmark (datapath, ...)
+//! - `cargo xtask clean`              remove what crashed or killed runs left (see clean.rs)
 //!
 //! Tests, demo and benchmarks need root: network namespaces and eBPF.
 
@@ -11,6 +12,8 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
+
+mod clean;
 
 /// Debian packages every test, the demo or a benchmark needs.
 const PACKAGES: &[&str] = &[
@@ -52,9 +55,10 @@ fn main() -> ExitCode {
         Some("demo") => demo(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("install-deps") => install_deps(PACKAGES),
+        Some("clean") => clean(),
         _ => {
             eprintln!(
-                "usage: cargo xtask build-ebpf | test [FILTER...] | demo | bench NAME | install-deps"
+                "usage: cargo xtask build-ebpf | test [FILTER...] | demo | bench NAME | clean | install-deps"
             );
             return ExitCode::from(64);
         }
@@ -158,6 +162,15 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Replaces this process with `cmd`: a Ctrl-C or a closed terminal then
+/// reaches the demo, bench or test runner alone, which tears down before it
+/// exits, instead of also ending xtask and giving the shell back mid-teardown.
+fn exec(cmd: &mut Command) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let error = cmd.exec();
+    Err(error).with_context(|| format!("cannot run {cmd:?}"))
+}
+
 fn has_nextest() -> bool {
     cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success())
 }
@@ -188,8 +201,29 @@ fn aws_venv() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Removes what earlier runs that crashed or were killed left, saying what.
+fn clean() -> Result<()> {
+    require_root("cargo xtask clean")?;
+    report_clean();
+    Ok(())
+}
+
+fn report_clean() {
+    let removed = clean::clean();
+    if removed.is_empty() {
+        eprintln!("clean: nothing left by earlier runs");
+    } else {
+        eprintln!("clean: removed {} things earlier runs left behind:", removed.len());
+        for r in removed {
+            eprintln!("  {r}");
+        }
+    }
+}
+
 fn test(filters: &[String]) -> Result<()> {
     prepare("cargo xtask test")?;
+    // Debris of killed runs (namespaces, pins, dockerds) would disturb this one.
+    report_clean();
     let venv = aws_venv()?;
     // The integration tests run the agent binary; cargo builds a package's
     // binaries only for that package's own tests, so build it explicitly. With
@@ -201,7 +235,7 @@ fn test(filters: &[String]) -> Result<()> {
     if has_nextest() {
         // Every test in its own process: namespaces entered by one cannot leak
         // into another, and a crash takes one test down, not the run.
-        run(cargo()
+        exec(cargo()
             .args(["nextest", "run", "--workspace", "--features", "weft/aws", "--no-fail-fast", "--profile", "ci"])
             .args(filters)
             .env("WEFT_AWS_VENV", &venv))
@@ -212,7 +246,7 @@ fn test(filters: &[String]) -> Result<()> {
         if let Some(filter) = filters.first() {
             cmd.arg(filter);
         }
-        run(&mut cmd)
+        exec(&mut cmd)
     }
 }
 
@@ -220,7 +254,7 @@ fn demo(args: &[String]) -> Result<()> {
     prepare("cargo xtask demo")?;
     run(cargo().args(["build", "--release", "-p", "weft", "-p", "weft-tests", "--bin", "weft", "--bin", "weft-demo"]))?;
     let bin = target_dir().join("release");
-    run(Command::new(bin.join("weft-demo")).args(args).env("WEFT_BIN", bin.join("weft")))
+    exec(Command::new(bin.join("weft-demo")).args(args).env("WEFT_BIN", bin.join("weft")))
 }
 
 fn bench(args: &[String]) -> Result<()> {
@@ -230,5 +264,5 @@ fn bench(args: &[String]) -> Result<()> {
     prepare("cargo xtask bench")?;
     run(cargo().args(["build", "--release", "-p", "weft", "-p", "weft-tests", "--bin", "weft", "--bin", "weft-bench"]))?;
     let bin = target_dir().join("release");
-    run(Command::new(bin.join("weft-bench")).arg(name).args(&args[1..]).env("WEFT_BIN", bin.join("weft")))
+    exec(Command::new(bin.join("weft-bench")).arg(name).args(&args[1..]).env("WEFT_BIN", bin.join("weft")))
 }

@@ -5,7 +5,7 @@
 //! hits every configuration alike. Medians and ratios are reported.
 
 use std::net::Ipv4Addr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
@@ -13,6 +13,7 @@ use weft::datapath::ebpf::{EbpfDatapath, EbpfOptions, Encap};
 use weft::datapath::{Datapath, LocalEndpoint, RemoteEndpoint, mac_for};
 
 use super::{Table, median};
+use crate::cleanup::Proc;
 use crate::{Host, Netns, Underlay, in_ns, run, wait_until};
 
 
@@ -24,18 +25,9 @@ struct Config {
     server_addr: Ipv4Addr,
     _hosts: Vec<Host>,
     _underlay: Option<Underlay>,
-    iperf: Option<Child>,
+    iperf: Option<Proc>,
     /// For weft: the pin directory of the hosts, to read counters.
     pins: Vec<std::path::PathBuf>,
-}
-
-impl Drop for Config {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.iperf.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 fn two_hosts() -> (Underlay, Host, Host) {
@@ -153,14 +145,15 @@ struct Sample {
 
 impl Config {
     fn start_server(&mut self) {
-        let child = self
-            .server
-            .cmd("iperf3")
-            .args(["-s", "-B", &self.server_addr.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("iperf3 server");
+        let child = Proc::spawn_killed(
+            format!("stopping iperf3 server in {}", self.server.name()),
+            self.server
+                .cmd("iperf3")
+                .args(["-s", "-B", &self.server_addr.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("iperf3 server");
         self.iperf = Some(child);
         let addr = self.server_addr;
         assert!(

@@ -6,11 +6,12 @@
 
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::{Table, median, percentile};
 use crate::agent::Agent;
+use crate::cleanup::{Proc, TempPath};
 use crate::{Host, Netns, Underlay, unique, wait_until};
 
 const NAMES: usize = 100;
@@ -53,9 +54,10 @@ fn latency(ns: &Netns, server: &str, queries: &str, rate: u32, seconds: u32) -> 
     (median(lat.clone()), percentile(lat, 99.0))
 }
 
-fn start_dnsmasq(ns: &Netns, hosts_file: &std::path::Path) -> Child {
-    let child = ns
-        .cmd("dnsmasq")
+fn start_dnsmasq(ns: &Netns, hosts_file: &std::path::Path) -> Proc {
+    let child = Proc::spawn_killed(
+        format!("stopping dnsmasq in {}", ns.name()),
+        ns.cmd("dnsmasq")
         .args([
             "--keep-in-foreground",
             "--port=53",
@@ -68,9 +70,9 @@ fn start_dnsmasq(ns: &Netns, hosts_file: &std::path::Path) -> Child {
             &format!("--addn-hosts={}", hosts_file.display()),
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dnsmasq (apt-get install dnsmasq-base)");
+        .stderr(Stdio::null()),
+    )
+    .expect("dnsmasq (apt-get install dnsmasq-base)");
     std::thread::sleep(Duration::from_millis(500));
     child
 }
@@ -141,8 +143,8 @@ pub fn run_bench(rounds: u32, seconds: u32) {
     let mut underlay = Underlay::new();
     let host = underlay.host("dns");
     let agent = Agent::launch(&host, &[], &["--ipalloc-init", "consensus=1", "--dns-listen-address", &format!("{WEFT}:53"), "--log", "warn"]);
-    let hosts_file = std::env::temp_dir().join(format!("{}-hosts", unique("bench")));
-    let queries = std::env::temp_dir().join(format!("{}-queries", unique("bench")));
+    let hosts_file = TempPath::new(&format!("{}-hosts", unique("bench")));
+    let queries = TempPath::new(&format!("{}-queries", unique("bench")));
     {
         let mut hf = std::fs::File::create(&hosts_file).unwrap();
         let mut qf = std::fs::File::create(&queries).unwrap();
@@ -156,7 +158,7 @@ pub fn run_bench(rounds: u32, seconds: u32) {
             writeln!(qf, "svc{n}.weave.local A").unwrap();
         }
     }
-    let mut dnsmasq = start_dnsmasq(&host.ns, &hosts_file);
+    let dnsmasq = start_dnsmasq(&host.ns, &hosts_file);
     let q = queries.to_str().unwrap();
     let mut runs: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
     for round in 0..rounds {
@@ -173,10 +175,8 @@ pub fn run_bench(rounds: u32, seconds: u32) {
             runs[i].push(Run { qps, p50_us, p99_us });
         }
     }
-    let _ = dnsmasq.kill();
-    let _ = dnsmasq.wait();
-    let _ = std::fs::remove_file(&hosts_file);
-    let _ = std::fs::remove_file(&queries);
+    drop(dnsmasq);
+    drop((hosts_file, queries));
     let m = |i: usize, f: fn(&Run) -> f64| median(runs[i].iter().map(f).collect());
     let mut table = Table::new(&["server", "queries/s (saturated)", "p50 µs @5k/s", "p99 µs @5k/s"]);
     for (i, name) in ["weft", "dnsmasq"].iter().enumerate() {

@@ -4,6 +4,10 @@
 //! guide's `dataproducer` and `httpserver`, and the blog's `hit-counter` with
 //! one `redis` for all. Then every httpserver is fetched several times and the
 //! answers show data producers on different hosts, found by name.
+//!
+//! Enter at the end, Ctrl-C, SIGTERM or a closed terminal (SIGHUP) at any
+//! point tear it all down the same way ([`weft_tests::cleanup`]).
+//! `WEFT_DEMO_SMALL=1` runs two hosts without Redis (the teardown tests use it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
@@ -11,37 +15,46 @@ use std::time::{Duration, Instant};
 
 use weft_tests::demo::{self, http_get, producer_message};
 use weft_tests::docker::{BUSYBOX, DockerHost};
-use weft_tests::{Underlay, root_or_skip, wait_until};
-
-const HOSTS: usize = 3;
-const FETCHES: usize = 6;
+use weft_tests::{Underlay, cleanup, root_or_skip, wait_until};
 
 fn step(what: &str) {
     println!("\n== {what}");
 }
 
-/// Stops the demo. A panic, not `exit`: unwinding drops the agents, the
-/// Docker engines and the namespaces, so a failed demo leaves nothing behind.
+/// Stops the demo: tears everything down (the same steps as Enter or Ctrl-C)
+/// and exits with 1.
 fn fail(what: &str) -> ! {
-    panic!("SOMETHING FAILED: {what}");
+    eprintln!("SOMETHING FAILED: {what}");
+    cleanup::teardown();
+    std::process::exit(1);
 }
 
 fn main() {
     if !root_or_skip("weft demo") {
         std::process::exit(1);
     }
-    println!("weft demo: {HOSTS} hosts (network namespaces on one LAN), each with its own dockerd and weft agent");
+    // Ctrl-C, SIGTERM and SIGHUP tear down from here on.
+    cleanup::install();
+    let small = std::env::var_os("WEFT_DEMO_SMALL").is_some_and(|v| v == "1");
+    let (n_hosts, fetches): (usize, usize) = if small { (2, 6) } else { (3, 6) };
+    println!("weft demo: {n_hosts} hosts (network namespaces on one LAN), each with its own dockerd and weft agent");
 
     step("hosts, Docker engines, agents");
     let started = Instant::now();
     let mut lan = Underlay::new();
-    let consensus = format!("consensus={HOSTS}");
+    let consensus = format!("consensus={n_hosts}");
     let mut hosts: Vec<DockerHost> = Vec::new();
-    for i in 0..HOSTS {
+    for i in 0..n_hosts {
         let peers = hosts.first().map(|h| vec![h.host.ip]).unwrap_or_default();
-        hosts.push(DockerHost::launch(&mut lan, &format!("host{}", i + 1), &peers, &["--ipalloc-init", &consensus]));
+        let host = lan.host(&format!("host{}", i + 1));
+        // A host that forwards, as a Docker host does (dockerd runs with
+        // --ip-forward=false and would not set it): otherwise every `docker run`
+        // warns "IPv4 forwarding is disabled". Per namespace, read by dockerd at
+        // its start.
+        host.ns.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]);
+        hosts.push(DockerHost::launch_on(host, &peers, &["--ipalloc-init", &consensus]));
     }
-    if !wait_until(Duration::from_secs(30), || hosts.iter().all(|h| h.agent.established() == HOSTS - 1)) {
+    if !wait_until(Duration::from_secs(30), || hosts.iter().all(|h| h.agent.established() == n_hosts - 1)) {
         fail(&format!("the mesh did not form:\n{}", hosts[0].agent.cli(&["status", "peers"])));
     }
     // Short names for the output (the namespaces have unique ones).
@@ -49,7 +62,7 @@ fn main() {
     for h in &hosts {
         println!("  {:<6} netns {:<16} underlay {:<13} DOCKER_HOST={}", label(h), h.host.name, h.host.ip, h.proxy);
     }
-    println!("  {HOSTS} dockerds up, agents in a full mesh after {:.1?} (each was given only host1)", started.elapsed());
+    println!("  {n_hosts} dockerds up, agents in a full mesh after {:.1?} (each was given only host1)", started.elapsed());
 
     step("images, built locally (no registry)");
     for h in &hosts {
@@ -58,7 +71,7 @@ fn main() {
         }
     }
     println!("  {} built with `docker build` through the proxy on every host (busybox: sh, nc, httpd)", demo::APPS);
-    let redis = demo::load_redis(&hosts[0].dockerd);
+    let redis = if small { Err("WEFT_DEMO_SMALL=1".to_string()) } else { demo::load_redis(&hosts[0].dockerd) };
     match &redis {
         Ok(()) => println!("  {} from Debian's redis-server on host1", weft_tests::docker::REDIS),
         Err(e) => println!("  no Redis image ({e}): the hit counter is left out"),
@@ -94,7 +107,7 @@ fn main() {
     });
     if !attached {
         let ps: Vec<String> = hosts.iter().map(|h| h.agent.cli(&["ps"])).collect();
-        fail(&format!("not every container was attached:\n{}\n{}", ps.join("\n"), hosts[2].agent.log()));
+        fail(&format!("not every container was attached:\n{}\n{}", ps.join("\n"), hosts[n_hosts - 1].agent.log()));
     }
     let mut host_of: BTreeMap<String, String> = BTreeMap::new();
     for h in &hosts {
@@ -106,8 +119,8 @@ fn main() {
             }
         }
     }
-    let everywhere = wait_until(Duration::from_secs(20), || hosts.iter().all(|h| h.agent.dns_lookup("dataproducer").len() == HOSTS));
-    println!("  every host's DNS knows the {HOSTS} data producers: {everywhere} ({:.1?} after the first docker run)", t0.elapsed());
+    let everywhere = wait_until(Duration::from_secs(20), || hosts.iter().all(|h| h.agent.dns_lookup("dataproducer").len() == n_hosts));
+    println!("  every host's DNS knows the {n_hosts} data producers: {everywhere} ({:.1?} after the first docker run)", t0.elapsed());
     if !everywhere {
         fail("names did not spread");
     }
@@ -124,13 +137,13 @@ fn main() {
         println!("  {}", addrs.join("  "));
     }
 
-    step(&format!("fetch every httpserver {FETCHES} times (from each host's own namespace)"));
+    step(&format!("fetch every httpserver {fetches} times (from each host's own namespace)"));
     let mut producers_seen: BTreeSet<String> = BTreeSet::new();
     let mut answered = 0;
     for h in &hosts {
         let Some(addr) = h.addrs_of("httpserver").first().and_then(|a| a.parse().ok()) else { fail("httpserver has no address") };
         println!("  {} httpserver http://{addr}/", label(h));
-        for _ in 0..FETCHES {
+        for _ in 0..fetches {
             let page = http_get(&h.host.ns, addr, "/");
             match page.as_deref().and_then(producer_message) {
                 Some(msg) if msg.starts_with("Hi, this is the data producer in ") => {
@@ -144,7 +157,7 @@ fn main() {
             }
         }
     }
-    let total = HOSTS * FETCHES;
+    let total = n_hosts * fetches;
     println!("  {answered}/{total} answered, by data producers on {} hosts: {}", producers_seen.len(), producers_seen.iter().cloned().collect::<Vec<_>>().join(", "));
     let mut success = answered == total && producers_seen.len() >= 2;
 
@@ -184,10 +197,11 @@ fn main() {
         println!("  DOCKER_HOST={} docker ps", hosts[0].proxy);
         println!("  DOCKER_HOST={} docker run --rm {BUSYBOX} nslookup httpserver", hosts[1].proxy);
         println!("  nsenter --net=/run/netns/{} {} status", hosts[0].host.name, weft_tests::agent::weft_bin().display());
-        println!("Press Enter to tear it down.");
+        println!("Press Enter (or Ctrl-C) to tear it down.");
         let mut line = String::new();
         let _ = std::io::stdin().read_line(&mut line);
     }
+    cleanup::teardown();
     drop(hosts);
     drop(lan);
     if !success {
