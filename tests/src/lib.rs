@@ -31,28 +31,6 @@ pub fn unique(label: &str) -> String {
     format!("wt{}x{}{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), label)
 }
 
-/// A directory `wt<pid>x<n><label>` in the temp dir, removed on Drop.
-#[derive(Debug)]
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(label: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(unique(label));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        TempDir(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// True when running as root; otherwise prints why the test is skipped. CI runs
 /// as root, so nothing skips there.
 pub fn root_or_skip(test: &str) -> bool {

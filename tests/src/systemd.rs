@@ -10,21 +10,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::cleanup::{self, Proc, TempPath};
 use crate::{Netns, unique, wait_until};
 
-/// A booted container.
+/// A booted container (powered off at drop or teardown).
 pub struct Machine {
     pub root: PathBuf,
-    child: Option<Child>,
-    log: PathBuf,
+    // Dropped in this order: the container, then its files.
+    nspawn: Proc,
+    log: TempPath,
+    _root: TempPath,
 }
 
 impl Machine {
     /// A root directory to fill before [`Machine::boot`]: /etc with the
     /// machine's users, an empty machine id (systemd makes one), the usual
     /// merged-/usr links.
-    pub fn prepare(label: &str) -> PathBuf {
-        let root = std::env::temp_dir().join(unique(label));
+    pub fn prepare(label: &str) -> TempPath {
+        let dir = TempPath::dir(&unique(label)).expect("container root");
+        let root = dir.path();
         for d in ["etc/systemd/system/multi-user.target.wants", "var/lib", "tmp", "root", "run", "usr", "proc", "sys", "dev"] {
             std::fs::create_dir_all(root.join(d)).expect("container dirs");
         }
@@ -35,7 +39,7 @@ impl Machine {
             let _ = std::fs::copy(Path::new("/etc").join(f), root.join("etc").join(f));
         }
         std::fs::write(root.join("etc/machine-id"), "").expect("machine-id");
-        root
+        dir
     }
 
     /// Writes `unit` as /etc/systemd/system/`name` in `root`, enabled.
@@ -52,7 +56,7 @@ impl Machine {
 
     /// Boots systemd in `root`, in `netns`, with every capability and bpffs
     /// (what an agent on a host has). `binds` are extra `SRC:DST` read-only binds.
-    pub fn boot(root: PathBuf, netns: &Netns, binds: &[String]) -> Machine {
+    pub fn boot(root: TempPath, netns: &Netns, binds: &[String]) -> Machine {
         // nspawn keeps its propagation directory under /run/systemd/nspawn and
         // removes it only from a tmpfs; this machine's /run is not one.
         let prop = Path::new("/run/systemd/nspawn");
@@ -61,11 +65,11 @@ impl Machine {
         if !mounted {
             let _ = Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(prop).status();
         }
-        let log = root.with_extension("console.log");
-        let console = std::fs::File::create(&log).expect("console log");
+        let log = TempPath::new(&format!("{}.console.log", root.path().file_name().and_then(|n| n.to_str()).unwrap_or("machine")));
+        let console = std::fs::File::create(log.path()).expect("console log");
         let mut cmd = Command::new("systemd-nspawn");
         cmd.args(["-q", "--register=no", "--keep-unit", "--console=pipe", "--capability=all"])
-            .arg(format!("--directory={}", root.display()))
+            .arg(format!("--directory={}", root.path().display()))
             .arg(format!("--network-namespace-path={}", netns.path().display()))
             .args(["--bind-ro=/usr", "--tmpfs=/usr/local", "--bind=/sys/fs/bpf", "--system-call-filter=bpf perf_event_open"])
             .args(binds.iter().map(|b| format!("--bind-ro={b}")))
@@ -73,18 +77,19 @@ impl Machine {
             .stdin(Stdio::null())
             .stdout(console.try_clone().expect("log"))
             .stderr(console);
-        let child = cmd.spawn().expect("systemd-nspawn (apt-get install systemd-container)");
-        Machine { root, child: Some(child), log }
+        let label = format!("powering off the container {}", root.path().display());
+        let nspawn = Proc::spawn(label, &mut cmd, power_off).expect("systemd-nspawn (apt-get install systemd-container)");
+        Machine { root: root.path().to_path_buf(), nspawn, log, _root: root }
     }
 
     /// The container's console so far.
     pub fn console(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
     /// The container's PID 1 (systemd), once it runs.
     pub fn init_pid(&self) -> Option<u32> {
-        let nspawn = self.child.as_ref()?.id();
+        let nspawn = self.nspawn.id();
         let children = std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children")).ok()?;
         children.split_whitespace().filter_map(|p| p.parse().ok()).next()
     }
@@ -128,19 +133,19 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGTERM asks nspawn to power the container off; then SIGKILL.
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let stopped = wait_until(Duration::from_secs(15), || child.try_wait().ok().flatten().is_some());
-            if !stopped {
-                let _ = child.kill();
-            }
-            let _ = child.wait();
-        }
         if std::thread::panicking() {
             eprintln!("---- console of {} ----\n{}", self.root.display(), self.console());
         }
-        let _ = std::fs::remove_dir_all(&self.root);
-        let _ = std::fs::remove_file(&self.log);
     }
+}
+
+/// SIGTERM asks nspawn to power the container off; SIGKILL if it does not
+/// within 15 s (2 s once teardown hurries).
+fn power_off(child: &mut Child) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let within = if cleanup::hurry() { Duration::from_secs(2) } else { Duration::from_secs(15) };
+    if !wait_until(within, || child.try_wait().ok().flatten().is_some()) {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
 }

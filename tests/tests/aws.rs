@@ -416,7 +416,7 @@ fn aws_ecs_setup_then_cleanup_leaves_nothing_behind() {
     let mut lan = Underlay::new();
     let aws = std::sync::Arc::new(FakeAws::start(&mut lan));
     // Removed however the test ends.
-    let tmp = weft_tests::TempDir::new("ecs");
+    let tmp = weft_tests::cleanup::TempPath::dir(&weft_tests::unique("ecs")).expect("temp dir");
     let dir = tmp.path().to_path_buf();
     // What gets uploaded for the instances to download (moto runs no
     // instance): a stand-in that answers --version as weft does.
@@ -582,10 +582,13 @@ fn aws_ecs_user_data_boots_weft_under_systemd() {
 
     // The binary, served from the AWS host.
     let bin = weft_tests::agent::weft_bin();
-    let www = weft_tests::TempDir::new("www");
+    let www = weft_tests::cleanup::TempPath::dir(&weft_tests::unique("www")).expect("temp dir");
     std::os::unix::fs::symlink(&bin, www.path().join("weft")).unwrap();
-    let server = aws.host.ns.cmd("python3").args(["-m", "http.server", "8099", "--bind", &aws.host.ip.to_string()]).arg("--directory").arg(www.path()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().expect("http.server");
-    let _server = KillOnDrop(server);
+    let _server = weft_tests::cleanup::Proc::spawn_killed(
+        "stopping the download server",
+        aws.host.ns.cmd("python3").args(["-m", "http.server", "8099", "--bind", &aws.host.ip.to_string()]).arg("--directory").arg(www.path()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()),
+    )
+    .expect("http.server");
     let url = format!("http://{}:8099/weft", aws.host.ip);
     assert!(wait_until(Duration::from_secs(10), || host.ns.succeeds("curl", &["-fsI", &url])), "the download server answers");
     let sha = String::from_utf8_lossy(&std::process::Command::new("sha256sum").arg(&bin).output().unwrap().stdout).split(' ').next().unwrap_or_default().to_string();
@@ -649,14 +652,4 @@ fn aws_ecs_user_data_boots_weft_under_systemd() {
         "restarted after kill -9:\n{}",
         machine.systemctl(&["status", "weft.service"])
     );
-}
-
-/// A child process killed when the test ends, however it ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

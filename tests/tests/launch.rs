@@ -160,23 +160,18 @@ fn a_dns_listen_address_that_appears_later_is_served_then() {
     // A port in use is not waited for: that launch fails as before.
     let other = underlay.host("dl2");
     other.ns.ip(&["link", "set", "lo", "up"]);
-    let blocker = other.ns.cmd("python3").args(["-c", "import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 5353)); print('ok', flush=True); time.sleep(60)"]).stdout(std::process::Stdio::piped()).spawn().expect("python3");
-    let mut blocker = KillOnDrop(blocker);
+    let blocker = weft_tests::cleanup::Proc::spawn_killed(
+        "stopping the port blocker",
+        other.ns.cmd("python3").args(["-c", "import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 5353)); print('ok', flush=True); time.sleep(60)"]).stdout(std::process::Stdio::piped()),
+    )
+    .expect("python3");
     let mut line = String::new();
-    let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(blocker.0.stdout.take().expect("stdout")), &mut line);
+    let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(blocker.take_stdout().expect("stdout")), &mut line);
     assert_eq!(line.trim(), "ok", "the port is taken");
-    let (code, err) = weft(&other.ns, &["launch", "--no-docker", "--iface", &other.iface, "--pin-name", &other.name, "--state-dir", &std::env::temp_dir().join(weft_tests::unique("dl-state")).display().to_string(), "--dns-listen-address", "127.0.0.1:5353"]);
+    let state_dir = weft_tests::cleanup::TempPath::new(&weft_tests::unique("dl-state"));
+    let state = state_dir.path().display().to_string();
+    let (code, err) = weft(&other.ns, &["launch", "--no-docker", "--iface", &other.iface, "--pin-name", &other.name, "--state-dir", &state, "--dns-listen-address", "127.0.0.1:5353"]);
     assert_ne!(code, Some(0), "a DNS port in use fails the launch: {err}");
     assert!(err.contains("127.0.0.1:5353"), "and says which: {err}");
     assert!(!other.pin_dir().exists(), "nothing left behind");
-}
-
-/// A child process killed when the test ends, however it ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
