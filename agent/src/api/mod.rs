@@ -59,6 +59,8 @@ pub struct AgentInfo {
     pub trusted_subnets: Vec<Ipv4Net>,
     pub conn_limit: usize,
     pub encap: String,
+    /// How the TC programs are attached: `tcx` or `clsact`.
+    pub tc_attach: String,
     pub underlay: String,
     pub ipalloc_range: Ipv4Net,
 }
