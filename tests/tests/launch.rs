@@ -153,6 +153,7 @@ fn an_agent_on_clsact_says_so_survives_kill_and_restart_and_resets_clean_clsact(
     let mut p = pair_with("lc", &["--tc-attach", "clsact"]);
     let status = p.agents[0].cli(&["status"]);
     assert!(status.contains("ebpf (direct encapsulation, clsact attach)"), "{status}");
+    assert!(status.contains("TCX available; bpf_redirect_peer, bpf_redirect_neigh found"), "the probes: {status}");
     assert_eq!(p.agents[0].report()["info"]["tc_attach"], "clsact", "the report says it too");
     let host0 = &p.hosts[0];
     assert_eq!(weft_filters(&host0.ns, &host0.iface).len(), 1, "weft's filter on the underlay");

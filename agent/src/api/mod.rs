@@ -61,6 +61,8 @@ pub struct AgentInfo {
     pub encap: String,
     /// How the TC programs are attached: `tcx` or `clsact`.
     pub tc_attach: String,
+    /// The kernel release and the features the data path probed.
+    pub kernel: String,
     pub underlay: String,
     pub ipalloc_range: Ipv4Net,
 }

@@ -43,6 +43,7 @@ pub fn status(s: &MeshStatus, info: &AgentInfo, dp: &dyn Datapath, stats: Option
         ("", String::new()),
         ("Service", "datapath".into()),
         ("Mode", format!("{} ({} encapsulation, {} attach)", dp.name(), info.encap, info.tc_attach)),
+        ("Kernel", info.kernel.clone()),
         ("Underlay", format!("{} {}", info.underlay, dp.local_address())),
         ("EndpointMTU", dp.endpoint_mtu().to_string()),
         ("Range", info.ipalloc_range.to_string()),

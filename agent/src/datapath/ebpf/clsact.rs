@@ -48,6 +48,13 @@ pub(super) fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|r| r.trim().to_string()).unwrap_or_else(|_| "?".into())
 }
 
+/// What the start's probes found, for `weft status`: the kernel release, and
+/// whether it has TCX (the helpers it needs it has, or the start failed).
+pub(super) fn kernel_summary() -> String {
+    let tcx = if has_tcx() { "TCX available" } else { "no TCX" };
+    format!("{} ({tcx}; bpf_redirect_peer, bpf_redirect_neigh found)", kernel_release())
+}
+
 /// What `asked` means on this kernel; `--tc-attach tcx` where there is no TCX is
 /// refused.
 pub(super) fn resolve(asked: TcAttach) -> Result<AttachMethod, DatapathError> {

@@ -129,6 +129,11 @@ impl EbpfDatapath {
         self.method
     }
 
+    /// The kernel and what the start's probes found in it, for status output.
+    pub fn kernel_summary(&self) -> String {
+        clsact::kernel_summary()
+    }
+
     /// Runs the underlay program on device `ifindex` and teaches it the device's
     /// addresses (direct mode).
     async fn ensure_underlay(&self, ifindex: u32) -> Result<(), DatapathError> {
