@@ -283,6 +283,8 @@ async fn start(
     // a start that fails half-way undoes itself on a fresh host).
     let ebpf = EbpfDatapath::start(config.datapath_options(name)).await?;
     let underlay = ebpf.underlay().name.clone();
+    let tc_attach = ebpf.attach_method().to_string();
+    let kernel = ebpf.kernel_summary();
     let dp: Arc<dyn Datapath> = Arc::new(ebpf);
     builder.set_data_addr(Some(dp.local_address()));
     let mesh_addr = builder.local_addr();
@@ -327,6 +329,8 @@ async fn start(
         trusted_subnets: config.trusted_subnets.clone(),
         conn_limit: config.mesh.conn_limit,
         encap: format!("{:?}", config.datapath.encap).to_lowercase(),
+        tc_attach,
+        kernel,
         underlay,
         ipalloc_range: config.ipam.range,
     });

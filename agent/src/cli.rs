@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 
-use crate::datapath::ebpf::Encap;
+use crate::datapath::ebpf::{Encap, TcAttach};
 
 /// `weft --version`: the version and the optional features this build has
 /// (deploy/ecs/setup.sh refuses a binary without `aws`).
@@ -180,6 +180,11 @@ pub struct LaunchArgs {
     /// Encapsulation: direct (in the TC program) or device (the VXLAN device).
     #[arg(long, default_value = "direct")]
     pub encap: Encap,
+
+    /// How the TC programs are attached: auto (TCX where the kernel has it,
+    /// 6.6+; else clsact), tcx, or clsact (netlink filters, any kernel).
+    #[arg(long, default_value = "auto")]
+    pub tc_attach: TcAttach,
 
     /// VXLAN UDP port.
     #[arg(long, default_value_t = crate::datapath::DEFAULT_VXLAN_PORT)]

@@ -15,7 +15,7 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 
 use crate::cli::LaunchArgs;
-use crate::datapath::ebpf::{EbpfOptions, Encap};
+use crate::datapath::ebpf::{EbpfOptions, Encap, TcAttach};
 use crate::discovery;
 use crate::api::ApiAddr;
 use crate::dns::{DnsConfig, DnsError};
@@ -91,6 +91,7 @@ pub struct DatapathSettings {
     pub local_ip: Option<Ipv4Addr>,
     pub mtu: Option<u32>,
     pub encap: Encap,
+    pub tc_attach: TcAttach,
     pub port: u16,
 }
 
@@ -240,6 +241,7 @@ impl LaunchConfig {
                 local_ip: args.advertise_address,
                 mtu: args.mtu,
                 encap: args.encap,
+                tc_attach: args.tc_attach,
                 port: args.vxlan_port,
             },
             ipam: IpamSettings {
@@ -274,6 +276,7 @@ impl LaunchConfig {
         opts.local_ip = d.local_ip;
         opts.mtu = d.mtu;
         opts.encap = d.encap;
+        opts.tc_attach = d.tc_attach;
         opts.port = d.port;
         opts
     }

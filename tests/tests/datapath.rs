@@ -14,7 +14,9 @@ use std::time::Duration;
 use aya::programs::{SchedClassifier, TcAttachType};
 use ipnet::Ipv4Net;
 use weft::datapath::abi::MAX_UNDERLAY_IPS;
-use weft::datapath::ebpf::{EbpfDatapath, EbpfOptions, Encap, host_ifname, reset_host};
+use weft::datapath::ebpf::{
+    AttachMethod, CLSACT_HANDLE, CLSACT_PRIORITY, EbpfDatapath, EbpfOptions, Encap, TcAttach, host_ifname, reset_host,
+};
 use weft::datapath::{Datapath, DatapathError, ErrorKind, LocalEndpoint, RemoteEndpoint, Stats, mac_for};
 use weft_tests::{Capture, Host, Netns, Underlay, in_ns, root_or_skip, tcp_transfer, wait_until};
 
@@ -30,34 +32,56 @@ impl Container {
     }
 }
 
-fn options(host: &Host, encap: Encap) -> EbpfOptions {
+/// An encapsulation and how the programs are attached (`auto`, i.e. TCX on
+/// this kernel, unless a test asks for clsact).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mode {
+    encap: Encap,
+    attach: TcAttach,
+}
+
+impl From<Encap> for Mode {
+    fn from(encap: Encap) -> Self {
+        Mode { encap, attach: TcAttach::Auto }
+    }
+}
+
+/// `encap` with the programs attached as clsact filters (what kernels before 6.6 get).
+fn clsact(encap: Encap) -> Mode {
+    Mode { encap, attach: TcAttach::Clsact }
+}
+
+fn options(host: &Host, mode: impl Into<Mode>) -> EbpfOptions {
+    let mode = mode.into();
     let mut opts = EbpfOptions::new(host.name.clone());
     opts.underlay = Some(host.iface.clone());
-    opts.encap = encap;
+    opts.encap = mode.encap;
+    opts.tc_attach = mode.attach;
     opts
 }
 
 /// Runs `work` with host `h`'s data path (started, i.e. adopted, each time).
-fn with_dp<T, F>(host: &Host, encap: Encap, work: F) -> T
+fn with_dp<T, F>(host: &Host, mode: impl Into<Mode>, work: F) -> T
 where
     T: Send + 'static,
     F: AsyncFnOnce(EbpfDatapath) -> T + Send + 'static,
 {
-    let opts = options(host, encap);
+    let opts = options(host, mode);
     in_ns(&host.ns, move || async move {
         let dp = EbpfDatapath::start(opts).await.expect("start data path");
         work(dp).await
     })
 }
 
-fn stats(host: &Host, encap: Encap) -> Stats {
-    with_dp(host, encap, async |dp| dp.stats().await.expect("stats"))
+fn stats(host: &Host, mode: impl Into<Mode>) -> Stats {
+    with_dp(host, mode, async |dp| dp.stats().await.expect("stats"))
 }
 
 /// Attaches each container on its host and tells every host about the others.
 /// `next_hops[(h, o)]` is the underlay address host h sends host o's traffic to,
 /// when that is not o's own address (a relay, or o's address on another link).
-fn program(hosts: &[Host], containers: &[Container], encap: Encap, next_hops: &BTreeMap<(usize, usize), Ipv4Addr>) {
+fn program(hosts: &[Host], containers: &[Container], mode: impl Into<Mode>, next_hops: &BTreeMap<(usize, usize), Ipv4Addr>) {
+    let mode = mode.into();
     for (h, host) in hosts.iter().enumerate() {
         let locals: Vec<(String, std::path::PathBuf, Ipv4Net)> = containers
             .iter()
@@ -73,7 +97,7 @@ fn program(hosts: &[Host], containers: &[Container], encap: Encap, next_hops: &B
             .filter(|c| c.host != h)
             .map(|c| RemoteEndpoint { addr: c.ip(), mac: mac_for(c.ip()), host: hosts[c.host].ip, learned: false })
             .collect();
-        with_dp(host, encap, async move |dp| {
+        with_dp(host, mode, async move |dp| {
             for (id, netns, addr) in locals {
                 dp.attach_endpoint(&LocalEndpoint::new(id, netns, vec![addr])).await.expect("attach");
             }
@@ -108,16 +132,16 @@ struct Cluster {
     containers: Vec<Container>,
 }
 
-fn lan_cluster(encap: Encap, mtu: u32) -> Cluster {
+fn lan_cluster(mode: impl Into<Mode>, mtu: u32) -> Cluster {
     let mut underlay = Underlay::with_mtu(mtu);
     let hosts: Vec<Host> = (0..3).map(|i| underlay.host(&format!("h{i}"))).collect();
     let containers = containers(3, 2);
-    program(&hosts, &containers, encap, &BTreeMap::new());
+    program(&hosts, &containers, mode, &BTreeMap::new());
     Cluster { underlay, hosts, containers }
 }
 
-fn all_pairs(encap: Encap) {
-    let cluster = lan_cluster(encap, 1500);
+fn all_pairs(mode: Mode) {
+    let cluster = lan_cluster(mode, 1500);
     let mut port = 5000;
     for a in &cluster.containers {
         for b in &cluster.containers {
@@ -130,9 +154,17 @@ fn all_pairs(encap: Encap) {
         }
     }
     // Every path the traffic took was counted on the fast path.
-    let s = stats(&cluster.hosts[0], encap);
+    let s = stats(&cluster.hosts[0], mode);
     assert!(s.path("local") > 0 && s.path("encap") > 0 && s.path("decap") > 0 && s.path("arp_reply") > 0, "{s:?}");
-    if encap == Encap::Direct {
+    // Attached the one way asked for, never both.
+    let host = &cluster.hosts[0];
+    let veth = host_ifname(cluster.containers[0].ns.name());
+    let (tcx, filters) = if mode.attach == TcAttach::Clsact { (0, 1) } else { (1, 0) };
+    for dev in ["weft-vxlan", veth.as_str()] {
+        assert_eq!(tcx_programs(&host.ns, dev).len(), tcx, "{mode:?}: TCX programs on {dev}");
+        assert_eq!(clsact_filters(&host.ns, dev).len(), filters, "{mode:?}: clsact filters on {dev}");
+    }
+    if mode.encap == Encap::Direct {
         // Decapsulated by the underlay program: nothing fell back to the device.
         assert_eq!(s.path("pass"), 0, "{s:?}");
     }
@@ -143,7 +175,7 @@ fn all_pairs_direct() {
     if !root_or_skip("all_pairs_direct") {
         return;
     }
-    all_pairs(Encap::Direct);
+    all_pairs(Encap::Direct.into());
 }
 
 #[test]
@@ -151,7 +183,23 @@ fn all_pairs_device() {
     if !root_or_skip("all_pairs_device") {
         return;
     }
-    all_pairs(Encap::Device);
+    all_pairs(Encap::Device.into());
+}
+
+#[test]
+fn all_pairs_direct_clsact() {
+    if !root_or_skip("all_pairs_direct_clsact") {
+        return;
+    }
+    all_pairs(clsact(Encap::Direct));
+}
+
+#[test]
+fn all_pairs_device_clsact() {
+    if !root_or_skip("all_pairs_device_clsact") {
+        return;
+    }
+    all_pairs(clsact(Encap::Device));
 }
 
 /// Captures on the LAN while fresh containers (empty ARP caches) talk across hosts.
@@ -290,20 +338,44 @@ fn tcx_programs(ns: &Netns, ifname: &str) -> Vec<String> {
     .unwrap()
 }
 
+/// The programs of weft's clsact filters (its priority and handle) on
+/// `ifname`'s ingress, as `tc filter show` lists them.
+fn clsact_filters(ns: &Netns, ifname: &str) -> Vec<String> {
+    let handle = format!("handle {CLSACT_HANDLE:#x} ");
+    let pref = format!(" pref {CLSACT_PRIORITY} ");
+    all_filters(ns, ifname)
+        .iter()
+        .filter(|line| line.contains(&handle) && line.contains(&pref))
+        .filter_map(|line| line.split(&handle).nth(1)?.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// Every filter line (with a handle) on `ifname`'s ingress, weft's or not.
+fn all_filters(ns: &Netns, ifname: &str) -> Vec<String> {
+    let out = ns.cmd("tc").args(["filter", "show", "dev", ifname, "ingress"]).output().expect("tc");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("filter") && (l.contains(" handle ") || l.contains(" fh ")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// What runs on a device's ingress, attached as `mode` says.
+fn attached(ns: &Netns, ifname: &str, mode: Mode) -> Vec<String> {
+    if mode.attach == TcAttach::Clsact { clsact_filters(ns, ifname) } else { tcx_programs(ns, ifname) }
+}
+
 /// Restarting (re-creating the data path, as a restarted agent does) adopts the
-/// pins: no second program or link anywhere, and no packet lost meanwhile.
-#[test]
-fn restart_adopts_pins_without_duplicates_or_loss() {
-    if !root_or_skip("adopt") {
-        return;
-    }
-    let cluster = lan_cluster(Encap::Direct, 1500);
+/// pins (and, with clsact, replaces weft's filters in place): no second program,
+/// link or filter anywhere, and no packet lost meanwhile.
+fn restart_adopts(mode: Mode) {
+    let cluster = lan_cluster(mode, 1500);
     let (a, b) = (&cluster.containers[0], &cluster.containers[2]);
     assert!(a.ns.ping_within(b.ip(), Duration::from_secs(3)));
     let host = &cluster.hosts[0];
     let veth = host_ifname(a.ns.name());
     let before: Vec<Vec<String>> =
-        ["eth0", "weft-vxlan", veth.as_str()].iter().map(|i| tcx_programs(&host.ns, i)).collect();
+        ["eth0", "weft-vxlan", veth.as_str()].iter().map(|i| attached(&host.ns, i, mode)).collect();
     assert_eq!(before, vec![vec!["weft_underlay"], vec!["weft_overlay"], vec!["weft_endpoint"]]);
 
     // A steady ping (every 10 ms) across the restarts: not one reply may be missing.
@@ -315,7 +387,7 @@ fn restart_adopts_pins_without_duplicates_or_loss() {
         .spawn()
         .expect("ping");
     for _ in 0..3 {
-        let n = with_dp(host, Encap::Direct, async |dp| dp.local_endpoints().await.expect("list").len());
+        let n = with_dp(host, mode, async |dp| dp.local_endpoints().await.expect("list").len());
         assert_eq!(n, 2, "the endpoints are found again");
     }
     let out = ping.wait_with_output().expect("ping");
@@ -323,12 +395,58 @@ fn restart_adopts_pins_without_duplicates_or_loss() {
     assert!(summary.contains("150 received"), "no loss across restarts:\n{summary}");
 
     let after: Vec<Vec<String>> =
-        ["eth0", "weft-vxlan", veth.as_str()].iter().map(|i| tcx_programs(&host.ns, i)).collect();
-    assert_eq!(after, before, "no duplicate programs or links");
+        ["eth0", "weft-vxlan", veth.as_str()].iter().map(|i| attached(&host.ns, i, mode)).collect();
+    assert_eq!(after, before, "no duplicate programs, links or filters");
+    if mode.attach == TcAttach::Clsact {
+        for dev in ["eth0", "weft-vxlan", veth.as_str()] {
+            assert_eq!(all_filters(&host.ns, dev).len(), 1, "{dev}: one filter, weft's");
+            assert!(tcx_programs(&host.ns, dev).is_empty(), "{dev}: no TCX link besides");
+        }
+    }
     let progs = std::fs::read_dir(host.pin_dir()).unwrap().flatten().filter(|e| {
         e.file_name().to_string_lossy().starts_with("prog_")
     });
     assert_eq!(progs.count(), 3, "three pinned programs");
+}
+
+#[test]
+fn restart_adopts_pins_without_duplicates_or_loss() {
+    if !root_or_skip("adopt") {
+        return;
+    }
+    restart_adopts(Encap::Direct.into());
+}
+
+#[test]
+fn restart_adopts_filters_without_duplicates_or_loss_clsact() {
+    if !root_or_skip("adopt_clsact") {
+        return;
+    }
+    restart_adopts(clsact(Encap::Direct));
+}
+
+/// An agent that used TCX restarted with clsact (and back): the traffic goes
+/// on, and each time exactly one attachment runs each program.
+#[test]
+fn switching_between_tcx_and_clsact_keeps_one_attachment_and_the_traffic_clsact() {
+    if !root_or_skip("switch_clsact") {
+        return;
+    }
+    let cluster = lan_cluster(Encap::Direct, 1500);
+    let (a, b) = (&cluster.containers[0], &cluster.containers[2]);
+    assert!(a.ns.ping_within(b.ip(), Duration::from_secs(3)));
+    let host = &cluster.hosts[0];
+    let veth = host_ifname(a.ns.name());
+    for (mode, want) in [(clsact(Encap::Direct), AttachMethod::Clsact), (Encap::Direct.into(), AttachMethod::Tcx)] {
+        let method = with_dp(host, mode, async |dp| dp.attach_method());
+        assert_eq!(method, want);
+        for dev in ["eth0", "weft-vxlan", veth.as_str()] {
+            let (tcx, filters) = (tcx_programs(&host.ns, dev), clsact_filters(&host.ns, dev));
+            assert_eq!(tcx.len() + filters.len(), 1, "{want}: {dev}: TCX {tcx:?}, clsact {filters:?}");
+            assert_eq!(filters.len(), usize::from(want == AttachMethod::Clsact), "{want}: {dev}");
+        }
+        assert!(a.ns.ping_within(b.ip(), Duration::from_secs(3)), "{want}: traffic flows");
+    }
 }
 
 /// With no agent at all (the data path object dropped, every fd closed), the
@@ -526,6 +644,109 @@ fn reset_without_an_agent_removes_one_hosts_data_path_and_nothing_else() {
     // The other hosts' pins and traffic are untouched.
     for other in &cluster.hosts[1..] {
         assert!(other.pin_dir().join("PEERS").exists(), "{}: pins stay", other.name);
+    }
+    let (c, d) = (&cluster.containers[2], &cluster.containers[4]);
+    assert!(c.ns.ping_within(d.ip(), Duration::from_secs(3)), "the other hosts still talk");
+
+    let second = in_ns(&host.ns, move || async move { reset_host(&again).await.expect("reset again") });
+    assert!(second.is_empty(), "a second reset finds nothing: {second}");
+}
+
+/// Adds a filter that is not weft's to `ifname`'s clsact ingress (and the
+/// qdisc, if missing): a u32 match at another priority.
+fn add_foreign_filter(ns: &Netns, ifname: &str) {
+    let _ = ns.cmd("tc").args(["qdisc", "add", "dev", ifname, "clsact"]).stderr(Stdio::null()).status();
+    let ok = ns
+        .succeeds("tc", &["filter", "add", "dev", ifname, "ingress", "prio", "3", "protocol", "ip", "u32", "match", "u32", "0", "0", "classid", "1:2"]);
+    assert!(ok, "add a foreign filter on {ifname}");
+}
+
+#[test]
+fn a_fresh_start_that_fails_after_attaching_the_underlay_filter_leaves_nothing_clsact() {
+    if !root_or_skip("fresh_start_fails_late_clsact") {
+        return;
+    }
+    let mut underlay = Underlay::new();
+    let host = underlay.host("h");
+    add_foreign_filter(&host.ns, &host.iface);
+    let foreign = all_filters(&host.ns, &host.iface);
+    overfill_underlay_addresses(&host);
+    let err = start_error(&host, options(&host, clsact(Encap::Direct)));
+    assert!(is_underlay_map_full(&err), "the start failed where intended: {err}");
+    assert!(!host.pin_dir().exists(), "no pin directory left");
+    assert!(!has_link(&host.ns, "weft-vxlan"), "no VXLAN device left");
+    assert_eq!(clsact_filters(&host.ns, &host.iface), Vec::<String>::new(), "no weft filter left on the underlay");
+    assert_eq!(all_filters(&host.ns, &host.iface), foreign, "the foreign filter stays, alone");
+    assert_eq!(tcx_programs(&host.ns, &host.iface), Vec::<String>::new());
+}
+
+#[test]
+fn a_start_that_adopted_filters_keeps_them_when_it_fails_clsact() {
+    if !root_or_skip("adopting_start_fails_clsact") {
+        return;
+    }
+    let mut underlay = Underlay::new();
+    let host = underlay.host("h");
+    with_dp(&host, clsact(Encap::Direct), async |dp| assert!(dp.started_fresh()));
+    overfill_underlay_addresses(&host);
+    let err = start_error(&host, options(&host, clsact(Encap::Direct)));
+    assert!(is_underlay_map_full(&err), "{err}");
+    assert!(host.pin_dir().join("PEERS").exists(), "the adopted pins stay");
+    assert_eq!(clsact_filters(&host.ns, &host.iface), vec!["weft_underlay"], "the underlay keeps its filter");
+    assert_eq!(clsact_filters(&host.ns, "weft-vxlan"), vec!["weft_overlay"]);
+}
+
+#[test]
+fn abandoning_a_fresh_start_removes_everything_it_made_clsact() {
+    if !root_or_skip("abandon_fresh_clsact") {
+        return;
+    }
+    let mut underlay = Underlay::new();
+    let host = underlay.host("h");
+    let c = Netns::new("c");
+    let opts = options(&host, clsact(Encap::Direct));
+    let netns = c.path();
+    let veth = host_ifname("abc");
+    in_ns(&host.ns, move || async move {
+        let dp = EbpfDatapath::start(opts).await.expect("start");
+        assert!(dp.started_fresh());
+        assert_eq!(dp.attach_method(), AttachMethod::Clsact);
+        let net: Ipv4Net = "10.32.0.1/12".parse().unwrap();
+        dp.attach_endpoint(&LocalEndpoint::new("abc", netns, vec![net])).await.expect("attach");
+        dp.abandon().await.expect("abandon");
+    });
+    assert!(!host.pin_dir().exists(), "no pins");
+    assert!(!has_link(&host.ns, "weft-vxlan"), "no VXLAN device");
+    assert!(!has_link(&host.ns, &veth), "no endpoint veth");
+    assert_eq!(all_filters(&host.ns, &host.iface), Vec::<String>::new(), "no filter on the underlay");
+}
+
+#[test]
+fn reset_without_an_agent_removes_weft_filters_and_nothing_else_clsact() {
+    if !root_or_skip("reset_host_clsact") {
+        return;
+    }
+    let cluster = lan_cluster(clsact(Encap::Direct), 1500);
+    let host = &cluster.hosts[0];
+    add_foreign_filter(&host.ns, &host.iface);
+    assert_eq!(clsact_filters(&host.ns, &host.iface), vec!["weft_underlay"]);
+    let handle = format!("handle {CLSACT_HANDLE:#x} ");
+    let foreign: Vec<String> = all_filters(&host.ns, &host.iface).into_iter().filter(|l| !l.contains(&handle)).collect();
+    assert!(!foreign.is_empty(), "the foreign filter is there");
+
+    let opts = options(host, clsact(Encap::Direct));
+    let again = opts.clone();
+    let report = in_ns(&host.ns, move || async move { reset_host(&opts).await.expect("reset") });
+    assert_eq!(report.endpoints.len(), 2, "{report}");
+    assert_eq!(report.detached, vec![host.iface.clone()], "the underlay's filter went: {report}");
+    assert!(!host.pin_dir().exists());
+    assert!(!has_link(&host.ns, "weft-vxlan"));
+    assert_eq!(clsact_filters(&host.ns, &host.iface), Vec::<String>::new(), "weft's filter is gone");
+    assert_eq!(all_filters(&host.ns, &host.iface), foreign, "the foreign filter stays, alone");
+
+    // The other hosts' filters and traffic are untouched.
+    for other in &cluster.hosts[1..] {
+        assert_eq!(clsact_filters(&other.ns, &other.iface), vec!["weft_underlay"], "{}", other.name);
     }
     let (c, d) = (&cluster.containers[2], &cluster.containers[4]);
     assert!(c.ns.ping_within(d.ip(), Duration::from_secs(3)), "the other hosts still talk");

@@ -24,14 +24,19 @@ fn container_ip(h: usize) -> Ipv4Addr {
 }
 
 fn pair(label: &str) -> Pair {
+    pair_with(label, &[])
+}
+
+/// [`pair`] with `extra` flags for both agents.
+fn pair_with(label: &str, extra: &[&str]) -> Pair {
     let mut underlay = Underlay::new();
     let hosts: Vec<weft_tests::Host> = (0..2).map(|i| underlay.host(&format!("{label}{i}"))).collect();
     let first = hosts[0].ip;
-    let init = ["--ipalloc-init", "consensus=2"];
+    let init: Vec<&str> = ["--ipalloc-init", "consensus=2"].into_iter().chain(extra.iter().copied()).collect();
     let agents: Vec<Agent> = hosts
         .iter()
         .enumerate()
-        .map(|(i, h)| Agent::launch(h, if i == 0 { &[] } else { std::slice::from_ref(&first) }, &init))
+        .map(|(i, h)| Agent::launch(h, if i == 0 { &[] } else { std::slice::from_ref(&first) }, init.as_slice()))
         .collect();
     assert!(wait_until(Duration::from_secs(30), || agents.iter().all(|a| a.peers().len() == 2)), "the mesh forms");
     let containers: Vec<Netns> = (0..2).map(|i| Netns::new(&format!("{label}c{i}"))).collect();
@@ -127,6 +132,57 @@ fn reset_force_cleans_a_host_whose_agent_is_stopped_and_never_a_running_one() {
     // Idempotent: nothing left to remove is not an error.
     let again = weft_in(&host0.ns, &["reset", "--force", "--state-dir", &state0, "--pin-root", pin_root, "--pin-name", &host0.name]);
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+}
+
+/// weft's clsact filters on `ifname`'s ingress (`tc filter show`).
+fn weft_filters(ns: &Netns, ifname: &str) -> Vec<String> {
+    let out = ns.cmd("tc").args(["filter", "show", "dev", ifname, "ingress"]).output().expect("tc");
+    let handle = format!("handle {:#x} ", weft::datapath::ebpf::CLSACT_HANDLE);
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&handle)).map(str::to_string).collect()
+}
+
+/// `--tc-attach clsact` (what kernels before 6.6 get by themselves): `weft
+/// status` says so, a killed agent's filters keep forwarding, the restarted
+/// agent adopts them without losing a packet or adding a filter, and `weft
+/// reset --force` removes them.
+#[test]
+fn an_agent_on_clsact_says_so_survives_kill_and_restart_and_resets_clean_clsact() {
+    if !root_or_skip("launch_clsact") {
+        return;
+    }
+    let mut p = pair_with("lc", &["--tc-attach", "clsact"]);
+    let status = p.agents[0].cli(&["status"]);
+    assert!(status.contains("ebpf (direct encapsulation, clsact attach)"), "{status}");
+    assert!(status.contains("TCX available; bpf_redirect_peer, bpf_redirect_neigh found"), "the probes: {status}");
+    assert_eq!(p.agents[0].report()["info"]["tc_attach"], "clsact", "the report says it too");
+    let host0 = &p.hosts[0];
+    assert_eq!(weft_filters(&host0.ns, &host0.iface).len(), 1, "weft's filter on the underlay");
+
+    let ping = p.containers[0]
+        .cmd("ping")
+        .args(["-c", "300", "-i", "0.02", "-q", &container_ip(1).to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping");
+    p.agents[0].kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    p.agents[0].start();
+    let out = ping.wait_with_output().expect("ping");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("300 received"), "no loss across kill -9 and restart:\n{summary}");
+    let host0 = &p.hosts[0];
+    assert_eq!(weft_filters(&host0.ns, &host0.iface).len(), 1, "still one filter after the restart");
+    assert_eq!(weft_filters(&host0.ns, "weft-vxlan").len(), 1);
+
+    p.agents[0].stop();
+    let state0 = p.agents[0].state_dir().display().to_string();
+    let pin_root = weft::datapath::ebpf::DEFAULT_PIN_ROOT;
+    let out = weft_in(&host0.ns, &["reset", "--force", "--state-dir", &state0, "--pin-root", pin_root, "--pin-name", &host0.name]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(weft_filters(&host0.ns, &host0.iface), Vec::<String>::new(), "reset removed weft's filter");
+    assert!(!p.containers[0].ping(container_ip(1)), "the host is off the overlay");
+    let host1 = &p.hosts[1];
+    assert_eq!(weft_filters(&host1.ns, &host1.iface).len(), 1, "the other host keeps its filter");
 }
 
 /// At boot weft may start before Docker has made docker0: a

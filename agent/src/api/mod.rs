@@ -64,6 +64,10 @@ pub struct AgentInfo {
     pub trusted_subnets: Vec<Ipv4Net>,
     pub conn_limit: usize,
     pub encap: String,
+    /// How the TC programs are attached: `tcx` or `clsact`.
+    pub tc_attach: String,
+    /// The kernel release and the features the data path probed.
+    pub kernel: String,
     pub underlay: String,
     pub ipalloc_range: Ipv4Net,
 }

@@ -85,6 +85,20 @@ pub enum DatapathError {
         /// The underlay's largest MTU (as netlink reports it, else Linux's 65535).
         underlay_max: u32,
     },
+    /// The kernel lacks a feature the data path needs (found by a probe at start).
+    #[error("the kernel ({kernel}) lacks {feature}, which {user} needs (Linux {needs} or later){hint}")]
+    KernelTooOld {
+        /// `uname -r`, for the message only.
+        kernel: String,
+        /// What is missing ("TCX", "the bpf_redirect_peer helper").
+        feature: String,
+        /// What needs it ("--tc-attach tcx", "weft's data path").
+        user: String,
+        /// The first Linux version that has it.
+        needs: &'static str,
+        /// What to do instead (starts with "; "), or empty.
+        hint: String,
+    },
     /// A setting of the eBPF backend is invalid (checked before anything is touched).
     #[error("invalid {option} {value:?}: {reason}")]
     InvalidOption {
@@ -187,6 +201,7 @@ impl DatapathError {
             | DatapathError::MtuTooSmall { .. }
             | DatapathError::MtuTooLarge { .. }
             | DatapathError::InvalidOption { .. }
+            | DatapathError::KernelTooOld { .. }
             | DatapathError::Netlink(netlink::NetlinkError::Conflict { .. }) => ErrorKind::BadSettings,
             DatapathError::NotPermitted { .. } => ErrorKind::NotPermitted,
             other if is_permission(errno(other)) => ErrorKind::NotPermitted,

@@ -50,6 +50,16 @@ fn req(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
     move |source| NetlinkError::Request { op, source }
 }
 
+/// A cls_bpf filter on a clsact qdisc.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BpfFilter {
+    pub priority: u16,
+    pub handle: u32,
+    /// The program's name as the filter carries it.
+    pub name: Option<String>,
+    pub prog_id: Option<u32>,
+}
+
 /// The facts about a link that weft uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
@@ -174,6 +184,55 @@ impl Netlink {
         let msgs: Vec<LinkMessage> =
             self.handle.link().get().execute().try_collect().await.map_err(req("list links"))?;
         Ok(msgs.iter().map(Link::from_message).collect())
+    }
+
+    /// The cls_bpf filters on link `index`'s clsact ingress (none if it has no
+    /// clsact qdisc or is gone).
+    pub async fn ingress_bpf_filters(&self, index: u32) -> Result<Vec<BpfFilter>> {
+        use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
+        let _one_dump = self.dumping.lock().await;
+        let Ok(index) = i32::try_from(index) else { return Ok(Vec::new()) };
+        let msgs: Vec<rtnetlink::packet_route::tc::TcMessage> =
+            match self.handle.traffic_filter(index).get().ingress().execute().try_collect().await {
+                Ok(msgs) => msgs,
+                // No such device, or no clsact qdisc on it: no filters.
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if [-libc::ENODEV, -libc::EINVAL, -libc::ENOENT].contains(&e.raw_code()) =>
+                {
+                    return Ok(Vec::new());
+                }
+                Err(e) => return Err(req(format!("list TC filters of link {index}"))(e)),
+            };
+        let mut out = Vec::new();
+        for msg in msgs {
+            let mut filter = BpfFilter {
+                priority: (msg.header.info >> 16) as u16,
+                handle: u32::from(msg.header.handle),
+                name: None,
+                prog_id: None,
+            };
+            let mut is_bpf = false;
+            for attr in &msg.attributes {
+                match attr {
+                    TcAttribute::Kind(kind) => is_bpf = kind == "bpf",
+                    TcAttribute::Options(opts) => {
+                        for opt in opts {
+                            match opt {
+                                TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => filter.name = Some(n.clone()),
+                                TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => filter.prog_id = Some(*id),
+                                _ => {}
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            // The dump also lists each priority's (handle 0) head entry.
+            if is_bpf && filter.handle != 0 {
+                out.push(filter);
+            }
+        }
+        Ok(out)
     }
 
     /// Makes sure an external-mode (collect-metadata) VXLAN device called `name`

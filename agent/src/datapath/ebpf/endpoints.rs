@@ -95,7 +95,7 @@ impl EbpfDatapath {
         disable_ipv6(host_name);
         // Forwarding first, address last: once the container has its address,
         // everything it sends is already handled.
-        load::attach(&mut lock(&self.progs).endpoint, host_name, &self.pins.endpoint_link(host_name))?;
+        load::attach(&mut lock(&self.progs).endpoint, host_name, &self.pins.endpoint_link(host_name), self.method)?;
         let addrs: Vec<_> = ep.addrs.iter().map(Ipv4Net::addr).collect();
         lock(&self.maps).add_local(&ep.id, &addrs, link.index, mac, same_ns)?;
         let (ifname, nets, routes) = (ep.ifname.clone(), ep.addrs.clone(), ep.routes.clone());

@@ -1,9 +1,9 @@
 //! The programs: loading them (or adopting the pinned ones of the same build)
-//! and running them on a device's TCX ingress through a pinned link (or
-//! adopting that link, switched atomically to a new build).
+//! and running them on a device's ingress — through a pinned TCX link (or
+//! adopting that link, switched atomically to a new build), or as weft's
+//! clsact filter (`clsact.rs`) on kernels without TCX.
 //!
-//! Must not touch: devices (netlink) or map contents. TCX only: kernels without
-//! it (< 6.6) need the clsact qdisc path, which comes in a later issue.
+//! Must not touch: devices (netlink) or map contents.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -14,6 +14,8 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use tracing::{debug, info, warn};
 
+use super::clsact;
+use super::options::AttachMethod;
 use super::pins::{PinDir, io_err};
 use crate::datapath::DatapathError;
 
@@ -87,10 +89,38 @@ pub(super) fn pinned_link_program(pin: &Path) -> Option<u32> {
     link.info().ok().map(|i| i.program_id())
 }
 
+/// Makes sure `prog` runs on `ifname`'s ingress, attached by `method`, and
+/// only so: a TCX link left by an agent that used clsact, or a filter left by
+/// one that used TCX, goes once the new attachment is in place (TCX runs
+/// before clsact and its verdict ends the hook, so nothing is seen twice).
+pub(super) fn attach(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    pin: &Path,
+    method: AttachMethod,
+) -> Result<(), DatapathError> {
+    match method {
+        AttachMethod::Tcx => {
+            attach_tcx(prog, ifname, pin)?;
+            if clsact::detach(ifname) {
+                info!(%ifname, "removed weft's clsact filter: TCX runs the program now");
+            }
+        }
+        AttachMethod::Clsact => {
+            clsact::attach(prog, ifname)?;
+            if pin.symlink_metadata().is_ok() {
+                std::fs::remove_file(pin).map_err(io_err("unpin", pin))?;
+                info!(%ifname, "unpinned weft's TCX link: the clsact filter runs the program now");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Makes sure `prog` runs on `ifname`'s ingress through a link pinned at `pin`:
 /// adopts a live pinned link (switching it to `prog` atomically if it runs an
 /// older build), replaces a dead one, or creates one.
-pub(super) fn attach(prog: &mut SchedClassifier, ifname: &str, pin: &Path) -> Result<(), DatapathError> {
+fn attach_tcx(prog: &mut SchedClassifier, ifname: &str, pin: &Path) -> Result<(), DatapathError> {
     let prog_id = prog.info().map_err(|e| DatapathError::bpf("program info", e))?.id();
     if let Ok(pinned) = PinnedLink::from_pin(pin) {
         let fd_link = FdLink::from(pinned);

@@ -1,5 +1,7 @@
-//! The eBPF backend: TC programs (TCX links) on every endpoint's host-side veth,
-//! on the external-mode VXLAN device and, in direct mode, on the underlay device.
+//! The eBPF backend: TC programs on every endpoint's host-side veth, on the
+//! external-mode VXLAN device and, in direct mode, on the underlay device —
+//! attached as TCX links where the kernel has TCX (6.6+), else as cls_bpf
+//! filters on the clsact qdisc (`clsact.rs`; also `--tc-attach clsact`).
 //!
 //! Everything the kernel needs lives in bpffs under `/sys/fs/bpf/weft/<host>/`
 //! (`pins.rs` has the layout). So traffic keeps flowing with no agent running,
@@ -14,10 +16,11 @@
 //! path (also with no agent) in `reset.rs`; settings in `options.rs`; pins,
 //! programs and maps in `pins.rs`, `load.rs`, `maps.rs`.
 //!
-//! Must be created and used from threads in the host's network namespace (TCX
+//! Must be created and used from threads in the host's network namespace (TC
 //! attachment resolves interface names there). Knows nothing of the mesh, IPAM,
 //! DNS or Docker.
 
+mod clsact;
 mod endpoints;
 mod load;
 mod maps;
@@ -36,7 +39,8 @@ use tracing::{info, warn};
 
 pub use load::objects;
 pub use maps::read_stats;
-pub use options::{ETH_MAX_MTU, EbpfOptions, Encap, MAX_VNI, MIN_MTU, endpoint_mtu};
+pub use clsact::{HANDLE as CLSACT_HANDLE, PRIORITY as CLSACT_PRIORITY};
+pub use options::{AttachMethod, ETH_MAX_MTU, EbpfOptions, Encap, MAX_VNI, MIN_MTU, TcAttach, endpoint_mtu};
 pub use pins::{DEFAULT_PIN_ROOT, ensure_bpffs};
 pub use reset::{RemovedEndpoint, ResetReport, reset_host};
 
@@ -77,7 +81,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The eBPF data path of one host. Must be created and used from a thread in the
-/// host's network namespace (TCX attachment resolves interface names there).
+/// host's network namespace (TC attachment resolves interface names there).
 ///
 /// Made by [`EbpfDatapath::start`]; see there for what a failed start leaves
 /// behind (nothing, on a fresh host) and [`EbpfDatapath::abandon`] for undoing a
@@ -90,6 +94,8 @@ pub struct EbpfDatapath {
     local_ip: Ipv4Addr,
     mtu: u32,
     vxlan: Link,
+    /// How the programs are attached (what `opts.tc_attach` resolved to).
+    method: AttachMethod,
     progs: Mutex<Programs>,
     maps: Mutex<Maps>,
     /// Serialises attaching, detaching and pruning endpoints: a prune must not
@@ -118,6 +124,16 @@ impl EbpfDatapath {
         &self.vxlan
     }
 
+    /// How the TC programs are attached on this host.
+    pub fn attach_method(&self) -> AttachMethod {
+        self.method
+    }
+
+    /// The kernel and what the start's probes found in it, for status output.
+    pub fn kernel_summary(&self) -> String {
+        clsact::kernel_summary()
+    }
+
     /// Runs the underlay program on device `ifindex` and teaches it the device's
     /// addresses (direct mode).
     async fn ensure_underlay(&self, ifindex: u32) -> Result<(), DatapathError> {
@@ -125,7 +141,7 @@ impl EbpfDatapath {
             DatapathError::bpf("attach the underlay program", format!("interface {ifindex} vanished"))
         })?;
         let addrs = self.nl.ipv4_addresses(ifindex).await?;
-        load::attach(&mut lock(&self.progs).underlay, &link.name, &self.pins.underlay_link(&link.name))?;
+        load::attach(&mut lock(&self.progs).underlay, &link.name, &self.pins.underlay_link(&link.name), self.method)?;
         let mut maps = lock(&self.maps);
         for net in addrs {
             maps.add_underlay_ip(net.addr(), ifindex)?;

@@ -53,6 +53,56 @@ impl std::str::FromStr for Encap {
     }
 }
 
+/// How the TC programs are attached, as asked for (`--tc-attach`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcAttach {
+    /// TCX if the kernel has it (6.6+), else clsact.
+    #[default]
+    Auto,
+    /// TCX links, pinned (kernel 6.6+).
+    Tcx,
+    /// cls_bpf filters on the clsact qdisc, through netlink (any kernel weft runs on).
+    Clsact,
+}
+
+/// A `--tc-attach` value that is none of the three.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown TC attach method {0:?}: use auto, tcx or clsact")]
+pub struct BadTcAttach(pub String);
+
+impl std::str::FromStr for TcAttach {
+    type Err = BadTcAttach;
+    fn from_str(s: &str) -> Result<Self, BadTcAttach> {
+        match s {
+            "auto" => Ok(TcAttach::Auto),
+            "tcx" => Ok(TcAttach::Tcx),
+            "clsact" => Ok(TcAttach::Clsact),
+            _ => Err(BadTcAttach(s.to_string())),
+        }
+    }
+}
+
+/// How the TC programs are attached on this host (what [`TcAttach::Auto`]
+/// resolved to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMethod {
+    /// TCX links pinned under the pin directory.
+    Tcx,
+    /// cls_bpf filters at weft's priority and handle on the clsact qdisc.
+    Clsact,
+}
+
+impl std::fmt::Display for AttachMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttachMethod::Tcx => "tcx",
+            AttachMethod::Clsact => "clsact",
+        })
+    }
+}
+
 /// Settings of the eBPF backend.
 #[derive(Debug, Clone)]
 pub struct EbpfOptions {
@@ -74,6 +124,8 @@ pub struct EbpfOptions {
     pub mtu: Option<u32>,
     /// Encapsulation mode.
     pub encap: Encap,
+    /// How the TC programs are attached.
+    pub tc_attach: TcAttach,
 }
 
 impl EbpfOptions {
@@ -89,6 +141,7 @@ impl EbpfOptions {
             vni: DEFAULT_VNI,
             mtu: None,
             encap: Encap::default(),
+            tc_attach: TcAttach::default(),
         }
     }
 
@@ -185,6 +238,15 @@ mod tests {
         assert_eq!(endpoint_mtu(Some(9166), &link(1500, Some(9216))).unwrap(), 9166);
         assert!(matches!(endpoint_mtu(None, &link(600, None)), Err(DatapathError::MtuTooSmall { mtu: 550 })));
         assert!(matches!(endpoint_mtu(Some(575), &link(1500, None)), Err(DatapathError::MtuTooSmall { .. })));
+    }
+
+    #[test]
+    fn tc_attach_values_parse() {
+        assert_eq!("auto".parse::<TcAttach>().unwrap(), TcAttach::Auto);
+        assert_eq!("tcx".parse::<TcAttach>().unwrap(), TcAttach::Tcx);
+        assert_eq!("clsact".parse::<TcAttach>().unwrap(), TcAttach::Clsact);
+        assert!("netlink".parse::<TcAttach>().is_err());
+        assert_eq!(AttachMethod::Clsact.to_string(), "clsact");
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! own `weft` interface among them, go with them), an external-mode VXLAN device
 //! of the configured name, and this host's pin directory — never the pin root or
 //! another host's directory. Unpinning detaches the TCX links (on the underlay,
-//! in direct mode), since no process holds them.
+//! in direct mode), since no process holds them; weft's clsact filters (kernels
+//! without TCX) are deleted by weft's priority and handle. The clsact qdisc
+//! stays: it may serve other programs, and does nothing empty.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -16,7 +18,7 @@ use rtnetlink::packet_route::link::InfoKind;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::load;
+use super::{clsact, load};
 use super::options::EbpfOptions;
 use super::pins::PinDir;
 use super::start::is_weft_vxlan;
@@ -132,14 +134,20 @@ pub(super) async fn remove_host(nl: &Netlink, pins: &PinDir, vxlan_name: &str) -
         .filter_map(|l| Some((l.device, load::pinned_link_program(&l.pin)?)))
         .filter(|(device, prog)| load::tcx_ingress(device).contains(prog))
         .collect();
-    // Kernels without TCX (clsact, a later issue): the programs there are
-    // cls_bpf filters on the underlay's clsact qdisc, not links, and unpinning
-    // does not remove them. They (and the qdisc, if weft added it) must be
-    // deleted here, before the pins, by the handle and priority weft uses.
+    // Attached through clsact (kernels without TCX, or --tc-attach clsact):
+    // the programs are cls_bpf filters, not links, and unpinning does not
+    // remove them. They go by weft's priority and handle; the clsact qdisc
+    // stays (see clsact.rs).
+    let filtered = clsact::remove_filters(nl, None).await?;
     if pins.remove()? {
         report.pin_dir = Some(pins.path().to_path_buf());
     }
     load::wait_detached(&running).await;
     report.detached = running.into_iter().map(|(device, _)| device).collect();
+    for device in filtered {
+        if !report.detached.contains(&device) {
+            report.detached.push(device);
+        }
+    }
     Ok(report)
 }

@@ -3,7 +3,8 @@
 //! The rule: a start that finds **no pin directory** for its host is *fresh*.
 //! If a fresh start fails at any step, it removes everything it made before
 //! returning the error — the pin directory (and the pin root if it made that),
-//! so the TCX links on the underlay and the VXLAN device go with their pins; the
+//! so the TCX links on the underlay and the VXLAN device go with their pins, and
+//! weft's clsact filters are deleted (the clsact qdisc stays, see `clsact.rs`); the
 //! VXLAN device if it created it (or its MTU and state, if it changed an
 //! existing one) — and the kernel is left as it was found. A start that finds
 //! the pin directory *adopts* it (a running or a stopped-but-still-forwarding
@@ -27,7 +28,9 @@ use rtnetlink::LinkUnspec;
 use rtnetlink::packet_route::link::InfoKind;
 use tracing::{debug, info, warn};
 
+use super::clsact;
 use super::load::{self, load_programs};
+use super::options::AttachMethod;
 use super::maps::{Maps, write_config};
 use super::options::{EbpfOptions, Encap, endpoint_mtu};
 use super::pins::{self, PinDir, ensure_bpffs};
@@ -87,6 +90,8 @@ impl Undo {
             .into_iter()
             .filter_map(|l| Some((l.device, load::pinned_link_program(&l.pin)?)))
             .collect();
+        // clsact filters are no pins: removed by weft's priority and handle.
+        note(clsact::remove_filters(nl, None).await.map(drop));
         note(self.pins.remove().map(drop));
         self.pins.remove_root_if_made(self.root);
         note(self.restore_vxlan(nl).await);
@@ -147,6 +152,8 @@ impl EbpfDatapath {
                 .ok_or_else(|| DatapathError::NoUnderlayAddress { name: underlay.name.clone() })?,
         };
         let mtu = endpoint_mtu(opts.mtu, &underlay)?;
+        let method = clsact::resolve(opts.tc_attach)?;
+        clsact::check_helpers()?;
 
         // Nothing made so far; from here on, a fresh start undoes what it makes.
         ensure_bpffs()?;
@@ -157,7 +164,8 @@ impl EbpfDatapath {
             vxlan_name: opts.vxlan_name.clone(),
             vxlan: None,
         });
-        match bring_up(opts, nl.clone(), pins, underlay, local_ip, mtu, &mut undo).await {
+        let found = Found { underlay, local_ip, mtu, method };
+        match bring_up(opts, nl.clone(), pins, found, &mut undo).await {
             Ok(mut dp) => {
                 dp.undo = undo;
                 Ok(dp)
@@ -180,7 +188,7 @@ impl EbpfDatapath {
     }
 
     /// Undoes a start when a later launch step failed. After a fresh start:
-    /// removes what the start made (pins, TCX links, the VXLAN device it
+    /// removes what the start made (pins, TCX links or clsact filters, the VXLAN device it
     /// created) and the endpoints attached through this value, leaving the
     /// kernel as the start found it. After a start that adopted pins: does
     /// nothing (the adopted data path keeps forwarding).
@@ -204,7 +212,7 @@ impl EbpfDatapath {
         {
             let mut progs = lock(&self.progs);
             for link in &ours {
-                load::attach(&mut progs.endpoint, &link.name, &self.pins.endpoint_link(&link.name))?;
+                load::attach(&mut progs.endpoint, &link.name, &self.pins.endpoint_link(&link.name), self.method)?;
             }
         }
         let peers = lock(&self.maps).peers();
@@ -216,17 +224,24 @@ impl EbpfDatapath {
     }
 }
 
+/// What the checks of a start found out, before anything was made.
+struct Found {
+    underlay: Link,
+    local_ip: Ipv4Addr,
+    mtu: u32,
+    method: AttachMethod,
+}
+
 /// The steps of a start after the checks; `undo` (fresh starts only) learns
 /// what is made as it is made.
 async fn bring_up(
     opts: EbpfOptions,
     nl: Netlink,
     pins: PinDir,
-    underlay: Link,
-    local_ip: Ipv4Addr,
-    mtu: u32,
+    found: Found,
     undo: &mut Option<Undo>,
 ) -> Result<EbpfDatapath, DatapathError> {
+    let Found { underlay, local_ip, mtu, method } = found;
     let made = pins.create()?;
     if let Some(undo) = undo.as_mut() {
         undo.root = made;
@@ -256,10 +271,11 @@ async fn bring_up(
             _pad: 0,
         },
     )?;
-    load::attach(&mut progs.overlay, &vxlan.name, &pins.overlay_link())?;
+    load::attach(&mut progs.overlay, &vxlan.name, &pins.overlay_link(), method)?;
     if opts.encap == Encap::Device {
         // Switched from direct mode: the underlay programs must go.
         pins.remove_underlay_links();
+        clsact::remove_filters(&nl, Some("weft_underlay")).await?;
     }
 
     let dp = EbpfDatapath {
@@ -270,6 +286,7 @@ async fn bring_up(
         local_ip,
         mtu,
         vxlan,
+        method,
         progs: Mutex::new(progs),
         maps: Mutex::new(maps),
         endpoint_ops: tokio::sync::Mutex::new(()),
@@ -282,7 +299,7 @@ async fn bring_up(
     dp.reconcile().await?;
     info!(
         host = %dp.opts.host, underlay = %dp.underlay.name, local_ip = %dp.local_ip, mtu = dp.mtu,
-        encap = ?dp.opts.encap, pins = %dp.pins.path().display(), fresh = undo.is_some(),
+        encap = ?dp.opts.encap, tc_attach = %dp.method, pins = %dp.pins.path().display(), fresh = undo.is_some(),
         "eBPF data path ready"
     );
     Ok(dp)
