@@ -215,6 +215,21 @@ impl Group {
         found
     }
 
+    /// A group of `desired` instances on the simulated LAN, a simulated host
+    /// at each instance's address (named `LABEL0`, `LABEL1`, ...), and the
+    /// metadata service telling each host which instance it is.
+    pub fn on_lan(aws: &FakeAws, lan: &mut crate::Underlay, name: &str, desired: u32, label: &str) -> (Group, Vec<(String, Ipv4Addr)>, Vec<Host>) {
+        let subnet = Group::lan_subnet(aws);
+        let group = Group::create_in(aws, name, desired, &[], &subnet);
+        let inst = group.instances(aws);
+        assert_eq!(inst.len(), desired as usize, "moto has {desired} InService");
+        let hosts: Vec<Host> = inst.iter().enumerate().map(|(i, (_, ip))| lan.host_at(&format!("{label}{i}"), *ip)).collect();
+        for ((id, ip), h) in inst.iter().zip(&hosts) {
+            aws.imds_says(h.ip, id, *ip);
+        }
+        (group, inst, hosts)
+    }
+
     pub fn scale(&self, aws: &FakeAws, desired: u32) {
         aws.aws(&["autoscaling", "set-desired-capacity", "--auto-scaling-group-name", &self.name, "--desired-capacity", &desired.to_string()]);
     }

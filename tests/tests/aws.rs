@@ -167,13 +167,7 @@ fn aws_discovery_builds_the_mesh_and_gates_ipam_reclaim() {
     let mut lan = Underlay::new();
     let aws = FakeAws::start(&mut lan);
     // Instances whose private addresses are the simulated hosts' own.
-    let subnet = Group::lan_subnet(&aws);
-    let group = Group::create_in(&aws, "weft-asg", 3, &[], &subnet);
-    let inst = group.instances(&aws);
-    let hosts: Vec<_> = inst.iter().enumerate().map(|(i, (_, ip))| lan.host_at(&format!("i{i}"), *ip)).collect();
-    for ((id, ip), h) in inst.iter().zip(&hosts) {
-        aws.imds_says(h.ip, id, *ip);
-    }
+    let (_group, inst, hosts) = Group::on_lan(&aws, &mut lan, "weft-asg", 3, "i");
     let mut args = DISCOVER.to_vec();
     args.extend(["--ipalloc-init", "consensus=3", "--ipalloc-range", "10.32.0.0/16", "--ipalloc-reclaim-after", "2s"]);
     // No peer on any command line: the group is the only way they meet.
@@ -238,14 +232,7 @@ fn aws_hosts_that_meet_only_through_the_group_agree_on_addresses() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut lan = Underlay::new();
     let aws = FakeAws::start(&mut lan);
-    let subnet = Group::lan_subnet(&aws);
-    let group = Group::create_in(&aws, "weft-asg", 3, &[], &subnet);
-    let inst = group.instances(&aws);
-    assert_eq!(inst.len(), 3);
-    let mut hosts: Vec<_> = inst.iter().enumerate().map(|(i, (_, ip))| lan.host_at(&format!("i{i}"), *ip)).collect();
-    for ((id, ip), h) in inst.iter().zip(&hosts) {
-        aws.imds_says(h.ip, id, *ip);
-    }
+    let (group, inst, mut hosts) = Group::on_lan(&aws, &mut lan, "weft-asg", 3, "i");
     // hosts[i] is instance ids[i].
     let mut ids: Vec<String> = inst.iter().map(|(id, _)| id.clone()).collect();
     let mut args = DISCOVER.to_vec();
@@ -573,11 +560,8 @@ fn aws_ecs_user_data_boots_weft_under_systemd() {
     }
     let mut lan = Underlay::new();
     let aws = FakeAws::start(&mut lan);
-    let subnet = Group::lan_subnet(&aws);
-    let group = Group::create_in(&aws, "weft-boot", 1, &[], &subnet);
-    let inst = group.instances(&aws);
-    let host = lan.host_at("boot", inst[0].1);
-    aws.imds_says(host.ip, &inst[0].0, inst[0].1);
+    let (_group, _inst, mut hosts) = Group::on_lan(&aws, &mut lan, "weft-boot", 1, "boot");
+    let host = hosts.remove(0);
     host.ns.ip(&["route", "add", "default", "dev", "eth0"]);
 
     // The binary, served from the AWS host.
