@@ -382,12 +382,17 @@ impl Ipam {
         if cursor < e {
             gaps.push((cursor, e));
         }
-        // The subnet's network and broadcast addresses are never handed out.
-        let reserved: Vec<u64> = if subnet.prefix_len() < 31 {
-            vec![u64::from(u32::from(subnet.network())), u64::from(u32::from(subnet.broadcast()))]
-        } else {
-            Vec::new()
-        };
+        // The subnet's network and broadcast addresses are never handed out,
+        // nor those of the network it lies in (a /32 or /31 asked for inside
+        // the default subnet must not yield that subnet's network address).
+        let enclosing = if self.default_subnet.contains(&subnet) { self.default_subnet } else { self.ring.range };
+        let mut reserved: Vec<u64> = [subnet, enclosing]
+            .into_iter()
+            .filter(|n| n.prefix_len() < 31)
+            .flat_map(|n| [u64::from(u32::from(n.network())), u64::from(u32::from(n.broadcast()))])
+            .collect();
+        reserved.sort_unstable();
+        reserved.dedup();
         let mut runs = Vec::new();
         for (a, b) in gaps {
             let mut start = a;
@@ -1297,6 +1302,21 @@ mod tests {
             stranger.refresh_free();
         }
         assert!(restored.on_gossip(&stranger.gossip_state(), &mut Vec::new()).is_err(), "another history conflicts");
+    }
+
+
+    #[test]
+    fn a_slash_32_at_the_subnets_edge_is_not_handed_out() {
+        let range = net("10.32.0.0/24");
+        let mut ipam = Ipam::new(p(0), range, range, Init::Consensus(1));
+        let me: BTreeSet<PeerName> = [p(0)].into();
+        let _ = ipam.allocate("first", None, &me, &mut Vec::new());
+        for edge in ["10.32.0.0/32", "10.32.0.255/32"] {
+            let got = ipam.allocate("x", Some(net(edge)), &me, &mut Vec::new());
+            assert!(!matches!(got, Ok(Outcome::Done(_))), "{edge}: the subnet's network/broadcast address: {got:?}");
+        }
+        let inner = ipam.allocate("y", Some(net("10.32.0.7/32")), &me, &mut Vec::new());
+        assert!(matches!(inner, Ok(Outcome::Done(a)) if a == Ipv4Addr::new(10, 32, 0, 7)), "{inner:?}");
     }
 
 }
