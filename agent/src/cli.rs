@@ -75,6 +75,11 @@ pub enum Command {
     Rmpeer {
         /// Its name (aa:bb:cc:dd:ee:ff) or nickname.
         peer: String,
+        /// Also a peer stopped on purpose (`weft stop`), whose data path still
+        /// forwards for containers that keep their addresses: only when that
+        /// host is gone for good.
+        #[arg(long)]
+        force: bool,
     },
     /// Leave the network for good: hand this peer's addresses to another peer,
     /// remove the data path and the state, and stop.

@@ -122,8 +122,9 @@ async fn run_client(api: weft::api::ApiAddr, command: Command) -> Result<String,
             Ok(format!("export DOCKER_HOST={proxy} ORIG_DOCKER_HOST={orig}\n"))
         }
         Command::Config => Ok(format!("-H={}\n", first_line(get("/proxy").await?))),
-        Command::Rmpeer { peer } => {
-            client::request(&api, Method::DELETE, &format!("/peer/{}", url_segment(&peer)), None).await
+        Command::Rmpeer { peer, force } => {
+            let query = if force { "?force=true" } else { "" };
+            client::request(&api, Method::DELETE, &format!("/peer/{}{query}", url_segment(&peer)), None).await
         }
         Command::Reset(args) => match client::request(&api, Method::POST, "/reset", None).await {
             Err(e) if e.is_not_running() && args.force => {

@@ -172,6 +172,36 @@ fn kill9_and_restart_keep_every_allocation() {
     assert!(after.iter().all(|a| !before.contains(a)), "nothing handed out twice after the crash");
 }
 
+/// A peer stopped on purpose (`weft stop`) still forwards for its containers,
+/// which keep their addresses: `rmpeer` refuses it and says why, unless
+/// `--force`. A peer name nobody knows is an error, not "0 taken over".
+#[test]
+fn rmpeer_refuses_a_stopped_peer_unless_forced_and_an_unknown_one() {
+    if !root_or_skip("ipam_rmpeer_stopped") {
+        return;
+    }
+    let (_u, _hosts, mut agents) = cluster(2, &["--ipalloc-reclaim-after", "never"]);
+    allocate(&agents[1], "kept").unwrap();
+    let stopped = agents[1].name.clone();
+    assert!(wait_until(Duration::from_secs(10), || agents[0].ownership().get(&stopped).copied().unwrap_or(0) > 0));
+    agents[1].stop();
+    assert!(
+        wait_until(Duration::from_secs(10), || agents[0].report()["router"]["held"].as_array().is_some_and(|h| !h.is_empty())),
+        "held: {}",
+        agents[0].report()["router"]
+    );
+    let refused = agents[0].try_cli(&["rmpeer", &stopped]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("stopped on purpose") && err.contains("--force"), "{err}");
+    assert!(agents[0].ownership().get(&stopped).copied().unwrap_or(0) > 0, "its space stays its own");
+    let unknown = agents[0].try_cli(&["rmpeer", "02:00:00:00:00:99"]);
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    assert!(!unknown.status.success() && err.contains("unknown peer"), "{err}");
+    let forced = agents[0].cli(&["rmpeer", "--force", &stopped]);
+    assert!(forced.contains("addresses taken over"), "{forced}");
+    assert!(wait_until(Duration::from_secs(10), || !agents[0].ownership().contains_key(&stopped)), "forced: taken over");
+}
+
 #[test]
 fn rmpeer_takes_over_a_dead_peers_space() {
     if !root_or_skip("ipam_rmpeer") {

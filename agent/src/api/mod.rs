@@ -564,10 +564,16 @@ async fn ip_release(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Re
     Ok(text(String::new()))
 }
 
-/// `DELETE /peer/{peer}`: `weft rmpeer`.
-async fn rmpeer(State(ctx): State<Ctx>, Path(peer): Path<String>) -> Result<Response, ApiError> {
-    let moved = ctx.ipam.rmpeer(&peer).await.map_err(ipam_error)?;
+/// `DELETE /peer/{peer}[?force=true]`: `weft rmpeer`.
+async fn rmpeer(State(ctx): State<Ctx>, Path(peer): Path<String>, Query(q): Query<RmpeerQuery>) -> Result<Response, ApiError> {
+    let moved = ctx.ipam.rmpeer(&peer, q.force).await.map_err(ipam_error)?;
     Ok(text(format!("{moved} addresses taken over from {peer}\n")))
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct RmpeerQuery {
+    #[serde(default)]
+    force: bool,
 }
 
 /// `POST /reset`: give the addresses away, tear the data path down, stop.

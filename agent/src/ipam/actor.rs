@@ -46,7 +46,7 @@ pub(super) enum Request {
     Release { id: String, reply: oneshot::Sender<Vec<Ipv4Addr>> },
     Lookup { id: String, reply: oneshot::Sender<Vec<Ipv4Net>> },
     Status { reply: oneshot::Sender<IpamStatus> },
-    RmPeer { peer: String, reply: oneshot::Sender<Result<u64, IpamError>> },
+    RmPeer { peer: String, force: bool, reply: oneshot::Sender<Result<u64, IpamError>> },
     GiveAway { reply: oneshot::Sender<Result<u64, IpamError>> },
 }
 
@@ -237,10 +237,11 @@ impl Actor {
                 let _ = reply.send(self.status(&status));
                 return;
             }
-            Request::RmPeer { peer, reply } => {
+            Request::RmPeer { peer, force, reply } => {
                 let nicknames = status.peers.iter().map(|p| (p.name, p.nickname.as_str()));
                 let owners = ipam.ring().ownership().into_keys();
-                let result = policy::rmpeer_target(&peer, self.config.me, &reach, nicknames, owners).map(|dead| {
+                let held: BTreeSet<PeerName> = if force { BTreeSet::new() } else { status.held.iter().copied().collect() };
+                let result = policy::rmpeer_target(&peer, self.config.me, &reach, &held, nicknames, owners).map(|dead| {
                     let moved = ipam.reclaim(dead, &mut effects);
                     info!(peer = %dead, addresses = moved, "took over a removed peer's addresses");
                     moved

@@ -113,6 +113,8 @@ pub enum IpamError {
     PeerReachable { peer: PeerName },
     #[error("a peer cannot rmpeer itself; use `weft reset`")]
     RmpeerSelf,
+    #[error("peer {peer} was stopped on purpose (`weft stop`): its data path still forwards for its containers, which keep their addresses, so taking its space would hand them out twice; start its agent again, `weft reset` it, or if that host is gone for good: `weft rmpeer --force`")]
+    PeerStopped { peer: PeerName },
     #[error("unknown peer {given:?}: give its name (one of {}) or a nickname of a known peer", comma_separated(known))]
     UnknownPeer { given: String, known: Vec<PeerName> },
     #[error("{count} addresses are still allocated here; detach the containers first")]
@@ -161,6 +163,7 @@ impl IpamError {
             | IpamError::SubnetOutside { .. }
             | IpamError::PeerReachable { .. }
             | IpamError::RmpeerSelf
+            | IpamError::PeerStopped { .. }
             | IpamError::UnknownPeer { .. }
             | IpamError::StillAllocated { .. } => false,
         }
@@ -248,9 +251,10 @@ impl IpamHandle {
         self.ask(|reply| Request::Status { reply }).await
     }
 
-    /// Takes a dead peer's space over (`weft rmpeer`); `peer` is a name or nickname.
-    pub async fn rmpeer(&self, peer: &str) -> Result<u64, IpamError> {
-        self.ask(|reply| Request::RmPeer { peer: peer.into(), reply }).await?
+    /// Takes a dead peer's space over (`weft rmpeer`); `peer` is a name or
+    /// nickname. A peer stopped on purpose is refused unless `force`.
+    pub async fn rmpeer(&self, peer: &str, force: bool) -> Result<u64, IpamError> {
+        self.ask(|reply| Request::RmPeer { peer: peer.into(), force, reply }).await?
     }
 
     /// Gives all of this peer's space to another peer (`weft reset`).

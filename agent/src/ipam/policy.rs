@@ -162,21 +162,29 @@ impl Reclaimer {
 
 /// Whose space `weft rmpeer GIVEN` takes: `given` is a peer name, or the
 /// nickname of a peer in `nicknames` (the topology). Refused for this peer
-/// itself and for a peer it can reach: taking a live peer's space would let
-/// two peers hand out the same addresses. `owners` name the peers that could
-/// be meant, for the error message.
+/// itself, for a peer it can reach, and for a peer stopped on purpose
+/// (`held`: its data path still forwards, its containers keep their
+/// addresses; the caller leaves it empty for `--force`): taking such a peer's
+/// space would let two peers hand out the same addresses. A name that is
+/// neither in the topology nor an owner is unknown. `owners` name the peers
+/// that could be meant, for the error message.
 pub fn rmpeer_target<'a>(
     given: &str,
     me: PeerName,
     reachable: &BTreeSet<PeerName>,
+    held: &BTreeSet<PeerName>,
     nicknames: impl IntoIterator<Item = (PeerName, &'a str)>,
     owners: impl IntoIterator<Item = PeerName>,
 ) -> Result<PeerName, IpamError> {
+    let known: Vec<(PeerName, &str)> = nicknames.into_iter().collect();
+    let owners: Vec<PeerName> = owners.into_iter().collect();
+    let unknown = || IpamError::UnknownPeer { given: given.to_string(), known: owners.clone() };
     let peer = match given.parse::<PeerName>() {
-        Ok(name) => name,
-        Err(_) => match nicknames.into_iter().find(|(_, nick)| *nick == given) {
-            Some((name, _)) => name,
-            None => return Err(IpamError::UnknownPeer { given: given.to_string(), known: owners.into_iter().collect() }),
+        Ok(name) if known.iter().any(|(p, _)| *p == name) || owners.contains(&name) || name == me => name,
+        Ok(_) => return Err(unknown()),
+        Err(_) => match known.iter().find(|(_, nick)| *nick == given) {
+            Some((name, _)) => *name,
+            None => return Err(unknown()),
         },
     };
     if peer == me {
@@ -184,6 +192,9 @@ pub fn rmpeer_target<'a>(
     }
     if reachable.contains(&peer) {
         return Err(IpamError::PeerReachable { peer });
+    }
+    if held.contains(&peer) {
+        return Err(IpamError::PeerStopped { peer });
     }
     Ok(peer)
 }
@@ -453,24 +464,33 @@ mod tests {
     fn rmpeer_refuses_itself_and_reachable_peers_and_resolves_nicknames() {
         let me = p(0);
         let reach = set(&[0, 1]);
+        let none = BTreeSet::new();
         let nicks = [(p(0), "host-a"), (p(1), "host-b"), (p(2), "host-c")];
         let owners = [p(0), p(1), p(2)];
-        assert_eq!(rmpeer_target(&p(2).to_string(), me, &reach, nicks, owners).unwrap(), p(2));
-        assert_eq!(rmpeer_target("host-c", me, &reach, nicks, owners).unwrap(), p(2), "by nickname");
-        let err = rmpeer_target("host-b", me, &reach, nicks, owners).unwrap_err();
+        assert_eq!(rmpeer_target(&p(2).to_string(), me, &reach, &none, nicks, owners).unwrap(), p(2));
+        assert_eq!(rmpeer_target("host-c", me, &reach, &none, nicks, owners).unwrap(), p(2), "by nickname");
+        let err = rmpeer_target("host-b", me, &reach, &none, nicks, owners).unwrap_err();
         assert!(matches!(err, IpamError::PeerReachable { peer } if peer == p(1)), "{err}");
         assert!(err.to_string().contains("reachable") && err.to_string().contains("stop it"), "{err}");
-        let err = rmpeer_target(&p(0).to_string(), me, &reach, nicks, owners).unwrap_err();
+        let err = rmpeer_target(&p(0).to_string(), me, &reach, &none, nicks, owners).unwrap_err();
         assert!(matches!(err, IpamError::RmpeerSelf), "{err}");
         assert!(err.to_string().contains("weft reset"), "{err}");
-        assert!(matches!(rmpeer_target("host-a", me, &reach, nicks, owners), Err(IpamError::RmpeerSelf)));
-        let err = rmpeer_target("nobody", me, &reach, nicks, owners).unwrap_err();
+        assert!(matches!(rmpeer_target("host-a", me, &reach, &none, nicks, owners), Err(IpamError::RmpeerSelf)));
+        let err = rmpeer_target("nobody", me, &reach, &none, nicks, owners).unwrap_err();
         let IpamError::UnknownPeer { given, known } = &err else { panic!("{err}") };
         assert_eq!((given.as_str(), known.as_slice()), ("nobody", owners.as_slice()));
         let msg = err.to_string();
         assert!(owners.iter().all(|o| msg.contains(&o.to_string())) && msg.contains("nickname"), "{msg}");
-        // A name nobody knows is taken at its word (it owns nothing: nothing moves).
-        assert_eq!(rmpeer_target(&p(9).to_string(), me, &reach, nicks, owners).unwrap(), p(9));
+        // A well-formed name nobody knows is unknown too (not a silent "0 taken over").
+        let err = rmpeer_target(&p(9).to_string(), me, &reach, &none, nicks, owners).unwrap_err();
+        assert!(matches!(err, IpamError::UnknownPeer { .. }), "{err}");
+        // A peer stopped on purpose (held): refused, unless forced (the caller
+        // then passes no held peers).
+        let held = set(&[2]);
+        let err = rmpeer_target("host-c", me, &reach, &held, nicks, owners).unwrap_err();
+        assert!(matches!(err, IpamError::PeerStopped { peer } if peer == p(2)), "{err}");
+        assert!(err.to_string().contains("--force") && err.to_string().contains("twice"), "{err}");
+        assert_eq!(rmpeer_target("host-c", me, &reach, &none, nicks, owners).unwrap(), p(2), "forced");
     }
 
     #[test]
