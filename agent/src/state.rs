@@ -106,12 +106,10 @@ impl StateStore {
     fn load_unlocked(&self) -> Result<State, StateError> {
         let detail = match read_checked(&self.path)? {
             Checked::Good(state) => return Ok(state),
-            Checked::Missing => match read_checked(&self.prev_path())? {
-                // A crash between keeping the previous generation and
-                // renaming the new file in cannot happen (the link comes
-                // first), so a lone .prev means the current file was removed.
-                Checked::Good(_) | Checked::Missing | Checked::Damaged(_) => return Ok(State::default()),
-            },
+            // The previous generation is linked before the new file is renamed
+            // in, so state.json is never missing mid-write: a lone .prev means
+            // the current file was removed on purpose.
+            Checked::Missing => return Ok(State::default()),
             Checked::Damaged(detail) => detail,
         };
         match read_checked(&self.prev_path())? {
